@@ -1,0 +1,5 @@
+"""minidistill: distil the reasoning of large models into small ones, in plain PyTorch."""
+
+from .config import PRESETS, ModelConfig
+
+__version__ = "0.1.0"
