@@ -12,7 +12,7 @@ setup(
     package_dir={"minidistill": "minidistill", "minidistill.kernels": "kernels"},
     package_data={"minidistill": ["demo_data/*.jsonl"]},
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.5",
         "safetensors>=0.4.3",
         "tokenizers>=0.19",
         "huggingface_hub>=0.23",

@@ -3,3 +3,5 @@
 from .config import PRESETS, ModelConfig
 
 __version__ = "0.1.0"
+from .model import KVCache, Transformer
+from .checkpoint import load_model

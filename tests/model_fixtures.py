@@ -1,0 +1,96 @@
+"""Tiny random checkpoints in the hub layout, built with transformers as the reference.
+
+Each config below keeps the structural traits of a real target model (fused projections,
+partial rotary, LongRoPE lists, llama3 scaling, tied head, GQA, biases, sliding window) at
+toy sizes. `write_checkpoint` writes config.json exactly in the hub's own layout (the one
+real repos ship: `rope_scaling`, top-level `original_max_position_embeddings`, ...) beside
+safetensors weights, and returns the transformers model holding the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+BASE = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+            hidden_act="silu", torch_dtype="float32", bos_token_id=1, eos_token_id=2, pad_token_id=2)
+
+
+def _longrope(n: int, short_ones: bool) -> dict:
+    g = torch.Generator().manual_seed(n)
+    short = [1.0] * n if short_ones else (1 + torch.rand(n, generator=g) * 2).tolist()
+    long = (1 + torch.rand(n, generator=g) * 40).sort().values.tolist()
+    return {"type": "longrope", "short_factor": short, "long_factor": long}
+
+
+CONFIGS = {
+    # Llama 3.1 shape traits: llama3 rope scaling, GQA, untied head.
+    "llama3": dict(BASE, model_type="llama", architectures=["LlamaForCausalLM"], rope_theta=500000.0,
+                   max_position_embeddings=2048, tie_word_embeddings=False,
+                   rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    # Llama 3.2-1B / SmolLM2 traits: tied head, explicit head_dim.
+    "llama3-tied": dict(BASE, model_type="llama", architectures=["LlamaForCausalLM"], rope_theta=500000.0,
+                        max_position_embeddings=2048, tie_word_embeddings=True, head_dim=16,
+                        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    # Phi-3.5-mini traits: fused qkv / gate_up, LongRoPE with non-unit short factors, MHA.
+    "phi3.5": dict(BASE, model_type="phi3", architectures=["Phi3ForCausalLM"], num_key_value_heads=4,
+                   rope_theta=10000.0, max_position_embeddings=1024, original_max_position_embeddings=32,
+                   tie_word_embeddings=False, sliding_window=262144, rope_scaling=_longrope(8, short_ones=False)),
+    # Phi-4-mini traits: partial rotary 0.75, LongRoPE (unit short factors), tied head, GQA.
+    "phi4-mini": dict(BASE, model_type="phi3", architectures=["Phi3ForCausalLM"], rope_theta=10000.0,
+                      max_position_embeddings=1024, original_max_position_embeddings=32,
+                      partial_rotary_factor=0.75, tie_word_embeddings=True, sliding_window=262144,
+                      rope_scaling=_longrope(6, short_ones=True)),
+    # phi-4 (14B) traits: phi3 without rope scaling, GQA, untied, theta 250000.
+    "phi4": dict(BASE, model_type="phi3", architectures=["Phi3ForCausalLM"], rope_theta=250000.0,
+                 max_position_embeddings=256, original_max_position_embeddings=256,
+                 tie_word_embeddings=False, sliding_window=None, rope_scaling=None),
+    # Phi-3-mini-4k traits: a sliding window shorter than the input.
+    "phi3-window": dict(BASE, model_type="phi3", architectures=["Phi3ForCausalLM"], num_key_value_heads=4,
+                        rope_theta=10000.0, max_position_embeddings=256, original_max_position_embeddings=256,
+                        tie_word_embeddings=False, sliding_window=7, rope_scaling=None),
+    # DeepSeek-R1-Distill-Qwen traits: q/k/v biases, untied, sliding window configured but off.
+    "qwen2": dict(BASE, model_type="qwen2", architectures=["Qwen2ForCausalLM"], rope_theta=10000.0,
+                  max_position_embeddings=512, tie_word_embeddings=False, rms_norm_eps=1e-6,
+                  sliding_window=16, use_sliding_window=False, max_window_layers=21),
+    # Mistral traits: plain rope, sliding window on every layer.
+    "mistral": dict(BASE, model_type="mistral", architectures=["MistralForCausalLM"], rope_theta=10000.0,
+                    max_position_embeddings=512, tie_word_embeddings=False, sliding_window=9),
+}
+
+
+def reference_model(hub_config: dict, seed: int = 0):
+    """A transformers model for this config (fp32, eager attention) with random weights."""
+    import transformers
+
+    cfg = transformers.AutoConfig.for_model(**hub_config)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=torch.float32)
+    with torch.no_grad():  # HF zero-inits biases and ones-inits norms: randomise everything
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0, 0.08)
+    return model.eval()
+
+
+def write_checkpoint(folder: Path, name: str, *, seed: int = 0, shard: bool = False,
+                     hub_layout: bool = True, **overrides):
+    """Write a random checkpoint of CONFIGS[name] to folder; return the transformers model.
+
+    hub_layout=True rewrites config.json exactly as `CONFIGS` has it (the layout of hub repos);
+    False keeps what this transformers version writes (the newer `rope_parameters` layout).
+    """
+    hub_config = dict(CONFIGS[name], **overrides)
+    model = reference_model(hub_config, seed)
+    folder = Path(folder)
+    model.save_pretrained(folder, max_shard_size="40KB" if shard else "5GB", safe_serialization=True)
+    if hub_layout:
+        (folder / "config.json").write_text(json.dumps(hub_config, indent=2))
+    return model

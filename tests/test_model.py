@@ -1,0 +1,165 @@
+"""Logit parity of the loader + decoder against transformers, for every family and rope variant."""
+
+import json
+
+import pytest
+import torch
+
+import minidistill as md
+from minidistill.config import ModelConfig
+from model_fixtures import CONFIGS, write_checkpoint
+
+transformers = pytest.importorskip("transformers")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def ids(n: int, batch: int = 2, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, CONFIGS["llama3"]["vocab_size"], (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+# (config, sequence lengths): long inputs cross original_max_position_embeddings (64 for llama3,
+# 32 for the LongRoPE ones, where the long factors take over) and the sliding windows.
+CASES = [
+    ("llama3", [9, 150]),
+    ("llama3-tied", [9, 150]),
+    ("phi3.5", [20, 50]),
+    ("phi4-mini", [20, 33, 70]),
+    ("phi4", [9, 100]),
+    ("phi3-window", [5, 30]),
+    ("qwen2", [9, 60]),
+    ("mistral", [5, 40]),
+]
+
+
+@pytest.mark.parametrize("name,lengths", CASES, ids=[c[0] for c in CASES])
+def test_logits_match_transformers(tmp_path, name, lengths):
+    ref = write_checkpoint(tmp_path, name)
+    model = md.load_model(tmp_path, dtype=torch.float32)
+    for n in lengths:
+        x = ids(n)
+        with torch.no_grad():
+            want = ref(x).logits
+            got = model(x)
+        assert got.shape == want.shape == (2, n, CONFIGS[name]["vocab_size"])
+        assert rel_err(got, want) <= 1e-4, f"{name} T={n}: rel err {rel_err(got, want):.2e}"
+
+
+@pytest.mark.parametrize("name", ["llama3", "phi4-mini"])
+def test_new_rope_parameters_layout_and_shards(tmp_path, name):
+    # transformers' own save_pretrained writes `rope_parameters`; sharded via an index.
+    ref = write_checkpoint(tmp_path, name, shard=True, hub_layout=False)
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    assert "rope_parameters" in json.loads((tmp_path / "config.json").read_text())
+    model = md.load_model(tmp_path, dtype=torch.float32)
+    x = ids(45)
+    with torch.no_grad():
+        assert rel_err(model(x), ref(x).logits) <= 1e-4
+
+
+def test_config_reads_phi4_mini_traits(tmp_path):
+    cfg = ModelConfig.from_hf(CONFIGS["phi4-mini"])
+    assert cfg.rotary_dim == 12 and cfg.head_dim == 16
+    assert cfg.rope_type == "longrope" and cfg.original_max_position_embeddings == 32
+    assert cfg.rope_factor == 1024 / 32
+    assert cfg.attention_factor == pytest.approx((1 + torch.log(torch.tensor(32.0)) / torch.log(torch.tensor(32.0))).sqrt().item())
+    assert cfg.fused_qkv and cfg.tie_word_embeddings and cfg.sliding_window is None
+    qwen = ModelConfig.from_hf(CONFIGS["qwen2"])
+    assert qwen.attention_bias and not qwen.o_proj_bias and qwen.sliding_window is None
+
+
+def test_real_phi4_mini_config_attention_factor():
+    # Phi-4-mini's config.json: 131072 / 4096 = 32 -> sqrt(1 + ln 32 / ln 4096) = sqrt(17/12).
+    d = dict(CONFIGS["phi4-mini"], hidden_size=3072, num_attention_heads=24, num_key_value_heads=8,
+             max_position_embeddings=131072, original_max_position_embeddings=4096,
+             rope_scaling={"type": "longrope", "short_factor": [1.0] * 48, "long_factor": [2.0] * 48})
+    cfg = ModelConfig.from_hf(d)
+    assert cfg.rotary_dim == 96 and cfg.attention_factor == pytest.approx((17 / 12) ** 0.5, rel=1e-9)
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"model_type": "gpt2"}, "unsupported model_type 'gpt2'; supported: llama, mistral, qwen2, phi3"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "unsupported rope type 'yarn'.*supported: default, llama3, longrope"),
+    ({"hidden_act": "gelu"}, "unsupported hidden_act 'gelu'"),
+])
+def test_config_errors_name_the_value(bad, match):
+    with pytest.raises(ValueError, match=match):
+        ModelConfig.from_hf(dict(CONFIGS["llama3"], **bad))
+
+
+def test_unknown_preset_lists_valid_ones():
+    with pytest.raises(ValueError, match="unknown preset 'phi-5'.*phi-4-mini"):
+        md.load_model("phi-5")
+
+
+def test_missing_and_unexpected_keys_are_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    write_checkpoint(tmp_path, "llama3")
+    state = load_file(tmp_path / "model.safetensors")
+    state.pop("model.layers.1.mlp.down_proj.weight")
+    state["model.layers.0.extra.weight"] = torch.zeros(2)
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"missing keys \['model.layers.1.mlp.down_proj.weight'\].*unexpected keys \['model.layers.0.extra.weight'\]"):
+        md.load_model(tmp_path, dtype=torch.float32)
+
+
+def test_no_safetensors_is_refused(tmp_path):
+    write_checkpoint(tmp_path, "llama3")
+    (tmp_path / "model.safetensors").rename(tmp_path / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match="safetensors only"):
+        md.load_model(tmp_path)
+
+
+def test_dtype_and_tied_head(tmp_path):
+    write_checkpoint(tmp_path, "phi4-mini")
+    model = md.load_model(tmp_path, dtype="bf16")
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.model.layers[0].self_attn.qkv_proj.weight.shape == ((4 + 2 * 2) * 16, 64)
+
+
+@pytest.mark.parametrize("name", ["llama3", "phi4-mini", "phi3-window", "qwen2"])
+def test_kv_cache_matches_full_forward(tmp_path, name):
+    write_checkpoint(tmp_path, name)
+    model = md.load_model(tmp_path, dtype=torch.float32)
+    x = ids(24)
+    with torch.no_grad():
+        full = model(x)
+        cache = model.new_cache(2, 32)
+        steps = [model(x[:, :10], cache=cache)]  # prefill, then chunks of 1 and 3 tokens
+        for s, e in [(10, 11), (11, 14)] + [(i, i + 1) for i in range(14, 24)]:
+            steps.append(model(x[:, s:e], cache=cache))
+    assert cache.pos == 24
+    assert rel_err(torch.cat(steps, dim=1), full) <= 1e-5
+
+
+def test_hidden_path_and_packed_documents(tmp_path):
+    write_checkpoint(tmp_path, "qwen2")
+    model = md.load_model(tmp_path, dtype=torch.float32)
+    a, b = ids(7, batch=1, seed=3), ids(5, batch=1, seed=4)
+    with torch.no_grad():
+        hidden = model(a, return_hidden=True)
+        assert torch.allclose(model.lm_head(hidden), model(a), atol=1e-6)
+        # Two samples packed in one row: positions restart, attention stays within a sample.
+        packed = torch.cat([a, b], dim=1)
+        pos = torch.cat([torch.arange(7), torch.arange(5)])[None]
+        doc = torch.tensor([[0] * 7 + [1] * 5])
+        out = model(packed, position_ids=pos, document_ids=doc)
+        assert rel_err(out[:, :7], model(a)) <= 1e-5
+        assert rel_err(out[:, 7:], model(b)) <= 1e-5
+
+
+def test_gradient_checkpointing_same_gradients(tmp_path):
+    write_checkpoint(tmp_path, "phi4-mini")
+    model = md.load_model(tmp_path, dtype=torch.float32).train()
+    x = ids(12)
+    grads = []
+    for flag in (False, True):
+        model.zero_grad()
+        model.gradient_checkpointing = flag
+        model(x).logsumexp(-1).mean().backward()
+        grads.append(model.model.layers[0].mlp.down_proj.weight.grad.clone())
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
