@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import minidistill as md
+import minidistill.generate as gen
 from minidistill.generate import _next_token, generate_ids
 from model_fixtures import write_checkpoint
 
@@ -11,22 +12,29 @@ transformers = pytest.importorskip("transformers")
 
 
 def greedy_by_recompute(model, prompt, n):
-    seq = list(prompt)
+    """Greedy tokens and each step's logits, recomputing the whole sequence every step."""
+    seq, logits = list(prompt), []
     with torch.no_grad():
         for _ in range(n):
-            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
-    return seq[len(prompt):]
+            logits.append(model(torch.tensor([seq]))[0, -1])
+            seq.append(int(logits[-1].argmax()))
+    return seq[len(prompt):], torch.stack(logits)
 
 
 # phi4-mini: a 20-token prompt and 30 new tokens cross original_max_position_embeddings (32),
 # where LongRoPE switches factors and the cache must be rebuilt; phi3-window: sliding window 7.
 @pytest.mark.parametrize("name", ["llama3-tied", "phi4-mini", "phi3-window", "qwen2"])
-def test_greedy_cache_equals_recompute_and_reference(tmp_path, name):
+def test_greedy_cache_equals_recompute_and_reference(tmp_path, name, monkeypatch):
     ref = write_checkpoint(tmp_path, name)
     model = md.load_model(tmp_path, dtype=torch.float32)
     prompt = torch.randint(3, 96, (20,), generator=torch.Generator().manual_seed(5)).tolist()
+    seen = []  # the logits each cached step samples from, not only the argmax
+    monkeypatch.setattr(gen, "_next_token", lambda logits, *a: seen.append(logits) or int(logits.argmax()))
     got = generate_ids(model, prompt, max_new_tokens=30)
-    assert got == greedy_by_recompute(model, prompt, 30)
+    want_ids, want_logits = greedy_by_recompute(model, prompt, 30)
+    assert got == want_ids
+    err = ((torch.stack(seen) - want_logits).abs().max() / want_logits.abs().max()).item()
+    assert err <= 1e-5
     want = ref.generate(torch.tensor([prompt]), max_new_tokens=30, do_sample=False, eos_token_id=None,
                         pad_token_id=0)[0, 20:].tolist()
     assert got == want
