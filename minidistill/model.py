@@ -230,8 +230,10 @@ class Transformer(nn.Module):
 
     @property
     def head_weight(self) -> Tensor:
-        """The (V, H) output projection, for losses that compute the head themselves."""
-        return self.lm_head.weight
+        """The (V, H) output projection, for losses that compute the head themselves (with the
+        trainable rows of tokens added by `add_tokens` overlaid)."""
+        head = self.lm_head
+        return head.full_weight() if hasattr(head, "full_weight") else head.weight
 
     def forward(self, input_ids: Tensor, *, position_ids: Tensor | None = None,
                 document_ids: Tensor | None = None, cache: KVCache | None = None,
