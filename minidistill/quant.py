@@ -1,0 +1,263 @@
+"""NF4 weights in the bitsandbytes layout, and the frozen QLoRA base linear.
+
+`quantize_nf4` reproduces `bitsandbytes.functional.quantize_4bit(quant_type="nf4")` code for
+code (as bnb computes it on CPU), `dequantize_nf4` decodes with the Triton kernel on CUDA and
+the torch reference elsewhere, and `nf4_state_from_bnb_tensors` / `nf4_state_to_bnb_tensors`
+read and write the keys of pre-quantized "-bnb-4bit" checkpoints. Format: reference/nf4.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# The 16 NF4 values (QLoRA appendix E), index = 4-bit code; identical to bnb's table.
+NF4_CODE = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)
+_BNB_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+_NESTED_BLOCKSIZE = 256  # bnb always double-quantizes the absmax in blocks of 256
+
+
+@functools.cache
+def dynamic_map() -> torch.Tensor:
+    """bnb's `create_dynamic_map(signed=True)`: 256 sorted fp32 values, rebuilt op for op."""
+    data: list[float] = []
+    for i in range(7):  # 7 exponent bits; the fraction shrinks as the exponent grows
+        bounds = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
+        means = (bounds[:-1] + bounds[1:]) / 2.0
+        data += ((10 ** (-6 + i)) * means).tolist()  # fp32 product, as bnb computes it
+        data += (-(10 ** (-6 + i)) * means).tolist()
+    data += [0.0, 1.0]
+    return torch.tensor(sorted(data), dtype=torch.float32)
+
+
+@dataclass
+class NF4State:
+    """Everything besides the packed bytes needed to decode an NF4 tensor (bnb's QuantState)."""
+
+    absmax: torch.Tensor  # uint8 [n_blocks] codes into nested_code, or float32 [n_blocks]
+    code: torch.Tensor  # float32 [16]: the NF4 table
+    blocksize: int
+    shape: tuple[int, ...]  # shape of the original weight
+    dtype: torch.dtype  # dtype of the original weight
+    nested_absmax: torch.Tensor | None = None  # float32 [ceil(n_blocks / 256)]: per-256 scale
+    nested_code: torch.Tensor | None = None  # float32 [256]: bnb's signed dynamic map
+    offset: torch.Tensor | None = None  # float32 scalar: mean(absmax), added back on decode
+    nested_blocksize: int = _NESTED_BLOCKSIZE
+
+    @property
+    def nested(self) -> bool:
+        return self.nested_absmax is not None
+
+    def to(self, device: torch.device | str) -> NF4State:
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return replace(self, absmax=move(self.absmax), code=move(self.code),
+                       nested_absmax=move(self.nested_absmax),
+                       nested_code=move(self.nested_code), offset=move(self.offset))
+
+
+@functools.cache
+def _dynamic_lut() -> torch.Tensor:
+    """bnb's CPU 8-bit quantizer does not search the map: it rounds x/absmax onto a grid of
+    65536 points over [-1, 1] and reads the code of each point from this table."""
+    code = dynamic_map()
+    mid = 0.5 * (code[:-1] + code[1:])
+    grid = -1.0 + (2.0 * torch.arange(65536, dtype=torch.float32)) / 65535.0
+    return torch.searchsorted(mid, grid)  # number of midpoints strictly below each point
+
+
+def _quantize_blockwise_8bit(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """bnb's CPU `quantize_blockwise` with the dynamic map, op for op (fp32 throughout).
+
+    Not the nearest code: the 65536-point grid moves the thresholds by up to ~1e-5 from the
+    midpoints, and a nearest-code search disagrees with bnb on ~0.1% of the absmax values."""
+    n = x.numel()
+    n_blocks = -(-n // blocksize)
+    xb = F.pad(x, (0, n_blocks * blocksize - n)).view(n_blocks, blocksize)
+    absmax = xb.abs().amax(dim=1)  # padding zeros never win: |x| >= 0
+    inv = torch.where(absmax > 0, 1.0 / absmax, 0.0)  # 0/0 would index the table with NaN
+    v = (xb * inv[:, None]).clamp(-1, 1)
+    t = ((v + 1.0) * 0.5) * 65535.0 + 0.5  # separate roundings, truncated below, as bnb's C
+    q = _dynamic_lut().to(x.device)[t.to(torch.int32)]
+    q = torch.where(absmax[:, None] == 0, 0, q)  # bnb writes code 0 for an all-zero block
+    return q.reshape(-1)[:n].to(torch.uint8), absmax
+
+
+def quantize_nf4(
+    weight: torch.Tensor, blocksize: int = 64, compress_statistics: bool = True
+) -> tuple[torch.Tensor, NF4State]:
+    """Quantize to NF4 exactly like bnb's `quantize_4bit(quant_type="nf4")` on CPU.
+
+    Returns the packed bytes, uint8 [(numel + 1) // 2, 1], and the NF4State.
+    """
+    if blocksize not in _BNB_BLOCKSIZES:
+        raise ValueError(f"blocksize must be one of {_BNB_BLOCKSIZES}, got {blocksize}")
+    if weight.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"can quantize bf16/fp16/fp32 weights only, got {weight.dtype}")
+    code = torch.tensor(NF4_CODE, dtype=torch.float32, device=weight.device)
+    w = weight.detach().reshape(-1).float()
+    n = w.numel()
+    full = n - n % blocksize
+    # bnb multiplies full blocks by the reciprocal but divides the ragged tail, and clamps the
+    # tail's absmax (not the full blocks') to 1e-38; both quirks change codes, so keep them.
+    absmax = w[:full].view(-1, blocksize).abs().amax(dim=1)
+    scaled = (w[:full].view(-1, blocksize) * (1.0 / absmax.clamp(min=1e-38))[:, None])
+    scaled = scaled.clamp(-1, 1).reshape(-1)
+    if full < n:
+        tail_max = w[full:].abs().max().clamp(min=1e-38)
+        absmax = torch.cat([absmax, tail_max[None]])
+        scaled = torch.cat([scaled, (w[full:] / tail_max).clamp(-1, 1)])
+    scaled = F.pad(scaled, (0, n % 2))
+    # Midpoints in fp32; bucketize sends a value exactly on a midpoint to the lower code.
+    q = torch.bucketize(scaled, (code[:-1] + code[1:]) / 2).to(torch.uint8)
+    packed = ((q[::2] << 4) | q[1::2]).unsqueeze(1)  # even flat index in the high nibble
+    state = NF4State(absmax=absmax, code=code, blocksize=blocksize, shape=tuple(weight.shape),
+                     dtype=weight.dtype)
+    if compress_statistics:
+        offset = absmax.mean()
+        nested_code = dynamic_map().to(weight.device)
+        qabs, absmax2 = _quantize_blockwise_8bit(absmax - offset, _NESTED_BLOCKSIZE)
+        state = replace(state, absmax=qabs, nested_absmax=absmax2, nested_code=nested_code,
+                        offset=offset)
+    return packed, state
+
+
+def dequantize_nf4(
+    packed: torch.Tensor, state: NF4State, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Decode to `dtype` (default: the original weight's): Triton on CUDA, torch elsewhere."""
+    from minidistill.kernels import nf4 as _nf4
+
+    dtype = state.dtype if dtype is None else dtype
+    if packed.is_cuda and _nf4.triton is not None:
+        return _nf4.dequantize_nf4(packed, state, dtype)
+    return _nf4.dequantize_nf4_reference(packed, state, dtype)
+
+
+# ---- pre-quantized "-bnb-4bit" checkpoints ------------------------------------------------
+def nf4_state_from_bnb_tensors(
+    tensors: Mapping[str, torch.Tensor], prefix: str = "weight"
+) -> tuple[torch.Tensor, NF4State]:
+    """Read `{prefix}`, `{prefix}.absmax`, … (bnb Linear4bit state-dict keys) into an NF4State."""
+    qs_key = f"{prefix}.quant_state.bitsandbytes__nf4"
+    if qs_key not in tensors:
+        found = sorted(k for k in tensors if k.startswith(f"{prefix}.quant_state."))
+        raise KeyError(f"{qs_key!r} not found (only NF4 is supported); quant_state keys: {found}")
+    meta = json.loads(bytes(tensors[qs_key].cpu().tolist()).decode("utf-8"))
+    if meta["quant_type"] != "nf4":
+        raise ValueError(f"{prefix}: quant_type {meta['quant_type']!r} is not 'nf4'")
+    packed = tensors[prefix]
+    if packed.dtype != torch.uint8:  # bnb's quant_storage may be another dtype over the same bytes
+        packed = packed.contiguous().view(torch.uint8).reshape(-1, 1)
+    state = NF4State(
+        absmax=tensors[f"{prefix}.absmax"], code=tensors[f"{prefix}.quant_map"].float(),
+        blocksize=int(meta["blocksize"]), shape=tuple(meta["shape"]),
+        dtype=getattr(torch, meta["dtype"]),
+    )
+    if f"{prefix}.nested_absmax" in tensors:
+        state = replace(
+            state, nested_absmax=tensors[f"{prefix}.nested_absmax"].float(),
+            nested_code=tensors[f"{prefix}.nested_quant_map"].float(),
+            offset=torch.tensor(float(meta["nested_offset"]), dtype=torch.float32,
+                                device=state.absmax.device),
+            nested_blocksize=int(meta["nested_blocksize"]),
+        )
+    return packed, state
+
+
+def nf4_state_to_bnb_tensors(
+    packed: torch.Tensor, state: NF4State, prefix: str = "weight"
+) -> dict[str, torch.Tensor]:
+    """The inverse: the tensors bnb's Linear4bit writes to its state dict, under `prefix`."""
+    out = {prefix: packed, f"{prefix}.absmax": state.absmax, f"{prefix}.quant_map": state.code}
+    # Same keys, order and json.dumps defaults as bnb's QuantState.as_dict(packed=True).
+    meta = {"quant_type": "nf4", "blocksize": state.blocksize,
+            "dtype": str(state.dtype).removeprefix("torch."), "shape": list(state.shape)}
+    if state.nested:
+        out[f"{prefix}.nested_absmax"] = state.nested_absmax
+        out[f"{prefix}.nested_quant_map"] = state.nested_code.clone()  # unshared for safetensors
+        meta |= {"nested_blocksize": state.nested_blocksize, "nested_dtype": "float32",
+                 "nested_offset": state.offset.item()}
+    blob = json.dumps(meta).encode("utf-8")
+    out[f"{prefix}.quant_state.bitsandbytes__nf4"] = torch.tensor(list(blob), dtype=torch.uint8)
+    return out
+
+
+# ---- the QLoRA base linear -----------------------------------------------------------------
+class _NF4Matmul(torch.autograd.Function):
+    """y = x @ dequant(W).T + b. Backward dequantizes again rather than keeping the 16-bit copy
+    (that copy is what 4-bit storage saves), and gives no weight gradient: W is frozen."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, packed: torch.Tensor, state: NF4State,
+                bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(packed)
+        ctx.state = state
+        return F.linear(x, dequantize_nf4(packed, state, x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (packed,) = ctx.saved_tensors
+        grad_x = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ dequantize_nf4(packed, ctx.state, grad_out.dtype)  # (..., in)
+        if ctx.needs_input_grad[3]:  # only if someone unfroze the bias
+            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, None, None, grad_b
+
+
+class NF4Linear(nn.Module):
+    """A frozen linear layer whose weight is stored as NF4 (bnb layout) and decoded per call."""
+
+    def __init__(self, packed: torch.Tensor, state: NF4State, bias: torch.Tensor | None = None):
+        super().__init__()
+        if len(state.shape) != 2:
+            raise ValueError(f"NF4Linear needs a 2-D weight shape, got {tuple(state.shape)}")
+        self.out_features, self.in_features = state.shape
+        self.register_buffer("weight", packed)  # key "weight" as nn.Linear: LoRA keys match
+        self.register_buffer("absmax", state.absmax)
+        self.register_buffer("code", state.code)
+        self.register_buffer("nested_absmax", state.nested_absmax)
+        self.register_buffer("nested_code", state.nested_code)
+        self.register_buffer("offset", state.offset)
+        self.blocksize, self.nested_blocksize, self.weight_dtype = (
+            state.blocksize, state.nested_blocksize, state.dtype)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, blocksize: int = 64,
+                    compress_statistics: bool = True) -> NF4Linear:
+        """Quantize a dense nn.Linear."""
+        packed, state = quantize_nf4(linear.weight, blocksize, compress_statistics)
+        return cls(packed, state, linear.bias)
+
+    @property
+    def state(self) -> NF4State:
+        # Built from the buffers on each call, so .to(device) on the module moves the state too.
+        return NF4State(absmax=self.absmax, code=self.code, blocksize=self.blocksize,
+                        shape=(self.out_features, self.in_features), dtype=self.weight_dtype,
+                        nested_absmax=self.nested_absmax, nested_code=self.nested_code,
+                        offset=self.offset, nested_blocksize=self.nested_blocksize)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense weight [out, in] in `dtype` (default: the original weight's)."""
+        return dequantize_nf4(self.weight, self.state, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return _NF4Matmul.apply(x, self.weight, self.state, bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, blocksize={self.blocksize}, "
+                f"double_quant={self.nested_absmax is not None}")
