@@ -46,7 +46,8 @@ def make_records(n: int, seed: int = 0) -> list[dict]:
     return [make_problem(rng) for _ in range(n)]
 
 
-def write_demo_data(path: Path = DEMO_DATA, n: int = 2000, seed: int = 0) -> Path:
+def write_demo_data(path: str | Path = DEMO_DATA, n: int = 2000, seed: int = 0) -> Path:
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         for r in make_records(n, seed):
@@ -101,9 +102,17 @@ def build_demo_model(folder: Path, seed: int = 0, hidden: int = 128, layers: int
     torch.manual_seed(seed)
     model = Transformer(ModelConfig.from_hf(config))
     with torch.no_grad():
+        # The head is tied to the embedding and stays frozen under LoRA, so its scale bounds how
+        # confident the model can become: unit-variance embeddings with a final norm of 0.2
+        # start near uniform predictions (logit std ~1.6) yet leave logits room to reach ~13,
+        # where the usual std 0.02 would cap them near 1. Linears get 1/sqrt(fan_in).
         for name, p in model.named_parameters():
-            if not name.endswith("norm.weight"):
-                p.normal_(0, 0.02)
+            if name.endswith("embed_tokens.weight"):
+                p.normal_(0, 1.0)
+            elif name == "model.norm.weight":
+                p.fill_(0.2)
+            elif not name.endswith("norm.weight"):
+                p.normal_(0, p.shape[1] ** -0.5)
     state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     return folder

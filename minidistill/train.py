@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 
 from . import runstate
-from .data import DataConfig, make_batches, prepare_data, split_eval
+from .batches import make_batches
+from .data import DataConfig, prepare_data, split_eval
 from .loss import chunked_cross_entropy
 
 SEVEN = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from minidistill import data as D
-from minidistill.data import DataConfig, SFTData, Sample, make_batches, prepare_data, split_eval
+from minidistill.batches import make_batches
+from minidistill.data import DataConfig, SFTData, Sample, prepare_data, split_eval
 from minidistill.records import choose_files, iter_records
 from minidistill.tokenizer import Tokenizer
 from tok_fixtures import write_tokenizer

@@ -1,0 +1,145 @@
+"""The training job end to end on a tiny model: learning, resume after SIGKILL, DDP, outputs, flags."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from minidistill.demo import build_demo_model, write_demo_data
+from minidistill.train import TrainConfig, lr_at, main, parse_args, train
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    model = build_demo_model(root / "model", hidden=64, layers=2)
+    data = write_demo_data(root / "data.jsonl", n=400, seed=3)
+    return root, model, data
+
+
+def env(root: Path) -> dict:
+    return dict(os.environ, MINIDISTILL_CACHE=str(root / "cache"), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+
+
+def common(model, data, out, steps=8) -> list[str]:
+    return ["--model", str(model), "--data", str(data), "--output", str(out), "--max-steps", str(steps),
+            "--batch-size", "2", "--grad-accum", "2", "--max-seq-len", "128", "--lr", "5e-3", "--warmup-steps", "2",
+            "--lora-r", "8", "--lora-dropout", "0.1", "--no-grad-checkpointing", "--sample-max-tokens", "4",
+            "--device", "cpu", "--seed", "1"]
+
+
+def test_learns_and_writes_outputs(setup, monkeypatch):
+    root, model, data = setup
+    monkeypatch.setenv("MINIDISTILL_CACHE", str(root / "cache"))
+    out = root / "run"
+    cfg = parse_args(common(model, data, out, steps=40) + ["--eval-split", "0.05", "--eval-every", "20",
+                                                            "--save-every", "20", "--merge"])
+    summary = train(cfg)
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, 41))
+    for r in train_rows:
+        assert set(r) == {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s"}
+        assert r["tokens"] > 0 and r["tokens_per_s"] > 0 and r["grad_norm"] > 0
+    evals = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [20, 40]
+    first, last = sum(r["loss"] for r in train_rows[:5]) / 5, sum(r["loss"] for r in train_rows[-5:]) / 5
+    assert last < 0.6 * first, (first, last)
+    assert evals[-1]["eval_loss"] < first
+    assert summary["steps"] == 40 and summary["best_eval_loss"] == min(r["eval_loss"] for r in evals)
+    assert (out / "adapter" / "adapter_config.json").exists()
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000020", "step_000040"]
+    assert json.loads((out / "config.json").read_text())["lora_r"] == 8
+    samples = (out / "samples.md").read_text()
+    assert "**Before**" in samples and "**After**" in samples
+    assert (out / "merged" / "config.json").exists()
+
+
+def test_resume_after_sigkill_is_bit_identical(setup):
+    root, model, data = setup
+    straight, killed = root / "straight", root / "killed"
+    args = common(model, data, straight) + ["--save-every", "2"]
+    subprocess.run([sys.executable, "-m", "minidistill.train", *args], check=True, env=env(root),
+                   capture_output=True, timeout=300)
+    args_k = common(model, data, killed) + ["--save-every", "2"]
+    proc = subprocess.Popen([sys.executable, "-m", "minidistill.train", *args_k], env=env(root),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = killed / "checkpoints" / "step_000004" / "state.pt"
+    deadline = time.time() + 240
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert marker.exists(), "the run never wrote its step-4 checkpoint"
+    assert not (killed / "adapter").exists(), "the run finished before it was killed; nothing was resumed"
+    # A second start without --resume refuses to mix runs; with it, the run continues.
+    refused = subprocess.run([sys.executable, "-m", "minidistill.train", *args_k], env=env(root),
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "--resume" in refused.stderr
+    subprocess.run([sys.executable, "-m", "minidistill.train", *args_k, "--resume"], check=True, env=env(root),
+                   capture_output=True, timeout=300)
+    a = load_file(straight / "adapter" / "adapter_model.safetensors")
+    b = load_file(killed / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and len(a) > 0
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(l)["step"] for l in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))  # rows past the checkpoint were logged once, not twice
+
+
+def test_ddp_two_processes_match_one(setup):
+    root, model, data = setup
+    one, two = root / "one", root / "two"
+    base = common(model, data, one, steps=4) + ["--lora-dropout", "0.0", "--batch-size", "1"]
+    subprocess.run([sys.executable, "-m", "minidistill.train", *base], check=True, env=env(root),
+                   capture_output=True, timeout=300)
+    ddp = common(model, data, two, steps=4) + ["--lora-dropout", "0.0", "--batch-size", "1", "--grad-accum", "1"]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                        "-m", "minidistill.train", *ddp], env=env(root), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a = load_file(one / "adapter" / "adapter_model.safetensors")
+    b = load_file(two / "adapter" / "adapter_model.safetensors")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5), k
+    la = [json.loads(l)["loss"] for l in (one / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(l)["loss"] for l in (two / "metrics.jsonl").read_text().splitlines()]
+    assert la == pytest.approx(lb, rel=1e-6)
+
+
+def test_schedule():
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=4, schedule="cosine")
+    lrs = [lr_at(s, 20, cfg) for s in range(20)]
+    assert lrs[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert lrs[4] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-4)
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+    lin = TrainConfig(lr=1e-3, min_lr=0.0, warmup_steps=0, schedule="linear")
+    assert lr_at(0, 11, lin) == pytest.approx(1e-3) and lr_at(10, 11, lin) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--model", "x", "--data", "y", "--lora-rank", "8"], "unrecognized arguments: --lora-rank"),
+    (["--model", "x"], "give both --model and --data"),
+    (["--model", "x", "--data", "y", "--eval-every", "5"], "--eval-every needs --eval-data or --eval-split"),
+    (["--model", "x", "--data", "y", "--schedule", "step"], "invalid choice: 'step'"),
+    (["--model", "x", "--data", "y", "--grad-accum", "0"], "--grad-accum must be >= 1"),
+])
+def test_flag_errors(argv, msg, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    assert msg in capsys.readouterr().err
+
+
+def test_help_lists_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--model", "--data", "--lora-targets", "--resume", "--grad-checkpointing", "--no-grad-checkpointing",
+                 "--eval-split", "--keep-last", "--merge", "--log", "--quantize"):
+        assert flag in text
