@@ -213,9 +213,12 @@ def answer_prompts(model, tok, prompts: list[str], max_new_tokens: int, amp) -> 
 
 
 def write_samples(path: Path, prompts: list[str], before: list[str], after: list[str]) -> None:
+    def show(text: str) -> str:  # an untrained model often emits only newlines or spaces
+        return text if text.strip() else f"(whitespace only: {text!r})"
+
     parts = ["# Sample answers, before and after training\n"]
     for i, (p, b, a) in enumerate(zip(prompts, before, after), 1):
-        parts.append(f"## {i}. {p}\n\n**Before**\n\n```\n{b}\n```\n\n**After**\n\n```\n{a}\n```\n")
+        parts.append(f"## {i}. {p}\n\n**Before**\n\n```\n{show(b)}\n```\n\n**After**\n\n```\n{show(a)}\n```\n")
     path.write_text("\n".join(parts), encoding="utf-8")
 
 

@@ -251,8 +251,8 @@ def train(cfg: TrainConfig) -> dict:
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     metrics = runstate.MetricsLog(out, cfg.log, cfg, enabled=main, resume_step=step)
 
-    log(f"training {total} steps of {cfg.grad_accum} x {cfg.batch_size} x {world} rows "
-        f"({per_epoch} steps per epoch) on {device} in {str(dtype).removeprefix('torch.')}")
+    log(f"training {total} steps ({per_epoch} per epoch), each of {cfg.grad_accum} micro-batch(es) x "
+        f"{cfg.batch_size} rows x {world} process(es), on {device} in {str(dtype).removeprefix('torch.')}")
     bar = runstate.progress(total, step, enabled=main)
     model.train()
     bad_in_row, last_eval, row = 0, None, None
