@@ -4,7 +4,9 @@ import pytest
 import torch
 
 import minidistill as md
-import minidistill.generate as gen
+import importlib
+
+gen = importlib.import_module("minidistill.generate")
 from minidistill.generate import _next_token, generate_ids
 from model_fixtures import write_checkpoint
 
