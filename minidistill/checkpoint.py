@@ -2,12 +2,15 @@
 
 Weights come from safetensors only: nothing here unpickles a file. The model is built on
 the meta device and each tensor is read, converted and moved one at a time, so host
-memory holds at most about one copy of the model.
+memory holds at most about one copy of the model. With quantize="nf4" each block linear is
+quantized on the device as it arrives; pre-quantized bitsandbytes NF4 checkpoints are read
+as they are (helpers for both in quant.py).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -16,6 +19,8 @@ from safetensors import safe_open
 from .config import ModelConfig
 from .hub import INDEX_FILE, SINGLE_FILE, resolve_model_dir
 from .model import Transformer
+from .quant import (BNB_SUFFIXES, NF4Linear, NF4State, block_linear_paths, bnb_nf4_config, check_quantize,
+                    nf4_state_from_bnb_tensors, prequantized_paths, quantize_nf4)
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
           "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
@@ -50,28 +55,68 @@ def weight_files(folder: Path) -> list[Path]:
                             "minidistill reads safetensors only, never .bin/.pth pickles")
 
 
+def _read_bnb(tensors: dict[str, torch.Tensor], shape: tuple[int, ...], where: str) -> tuple[torch.Tensor, NF4State]:
+    """One module's bnb tensors (`weight`, `weight.absmax`, ...) -> packed bytes and NF4State."""
+    packed, qstate = nf4_state_from_bnb_tensors(tensors, "weight")
+    if qstate.shape != shape or packed.numel() != (math.prod(shape) + 1) // 2:
+        raise ValueError(f"{where}: 4-bit weight of shape {qstate.shape} ({packed.numel()} bytes), "
+                         f"the config implies {shape}")
+    return packed, qstate
+
+
 def load_model(name_or_path: str, dtype: torch.dtype | str | None = torch.bfloat16,
                device: str | torch.device = "cpu", quantize: str | None = None) -> Transformer:
     """Load a checkpoint (preset name, hub repo id or local folder) into a Transformer.
 
-    dtype: torch dtype, "bf16"/"fp16"/"fp32", or "auto" for the checkpoint's own.
-    quantize: None, or "nf4" for a 4-bit base (QLoRA).
+    dtype: torch dtype, "bf16"/"fp16"/"fp32", or "auto" for the checkpoint's own; the compute
+        dtype, and the dtype of every weight kept in 16 bits.
+    quantize: None, or "nf4" for a 4-bit base (QLoRA): the linear layers of the blocks become
+        NF4Linear, quantized one tensor at a time on `device`; embeddings, norms and the head
+        stay in `dtype`. A pre-quantized bitsandbytes NF4 checkpoint ("-bnb-4bit" repos) loads
+        in 4-bit whatever `quantize` says; its 16-bit modules (llm_int8_skip_modules) stay so.
     """
-    if quantize is not None:
-        raise ValueError(f"quantize={quantize!r} is not supported yet; valid: None")
+    check_quantize(quantize)
     folder = resolve_model_dir(str(name_or_path))
     cfg = ModelConfig.from_file(folder / "config.json")
     dtype = resolve_dtype(dtype, cfg)
+    prequant = bnb_nf4_config(cfg.raw, str(folder / "config.json"))
     with torch.device("meta"):
         model = Transformer(cfg)
-    expected = {k: v for k, v in model.state_dict().items()}
+    files = weight_files(folder)
+    nf4: set[str] = set()  # module paths that become NF4Linear
+    if prequant is not None:
+        keys = set()
+        for path in files:
+            with safe_open(str(path), framework="pt") as f:
+                keys.update(f.keys())
+        nf4 = prequantized_paths(keys, block_linear_paths(model), prequant, str(folder))
+    elif quantize == "nf4":
+        nf4 = set(block_linear_paths(model))
+    expected = {k: v for k, v in model.state_dict().items() if k.rpartition(".")[0] not in nf4
+                or not k.endswith(".weight")}  # a 4-bit module's bias stays 16-bit
     if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight")
     state: dict[str, torch.Tensor] = {}
+    quantized: dict[str, tuple[torch.Tensor, NF4State]] = {}  # path -> packed bytes, state
+    bnb: dict[str, dict[str, torch.Tensor]] = {p: {} for p in nf4}  # path -> file's bnb tensors
     unexpected: list[str] = []
-    for path in weight_files(folder):
+    for path in files:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for key in f.keys():
+                module, _, leaf = key.partition(".weight")
+                if module in nf4 and leaf.removeprefix(".") in ("", *BNB_SUFFIXES):
+                    t = f.get_tensor(key)
+                    if prequant is not None:  # already packed: bytes and scales as they are
+                        bnb[module]["weight" + leaf] = t.to(device)
+                        continue
+                    shape = tuple(model.get_submodule(module).weight.shape)
+                    if tuple(t.shape) != shape:
+                        raise ValueError(f"{path.name}: {key} has shape {tuple(t.shape)}, the config implies {shape}")
+                    # Quantize on the device in the compute dtype, then drop the dense copy:
+                    # the whole 16-bit model is never resident there.
+                    quantized[module] = quantize_nf4(t.to(device=device, dtype=dtype))
+                    del t
+                    continue
                 if key not in expected:
                     # Tied checkpoints sometimes still carry the head; rotary tables are derived.
                     if not (key == "lm_head.weight" and cfg.tie_word_embeddings) and not key.endswith("rotary_emb.inv_freq"):
@@ -82,12 +127,20 @@ def load_model(name_or_path: str, dtype: torch.dtype | str | None = torch.bfloat
                     raise ValueError(f"{path.name}: {key} has shape {tuple(t.shape)}, the config "
                                      f"implies {tuple(expected[key].shape)}")
                 state[key] = t.to(device=device, dtype=dtype)
-    missing = sorted(set(expected) - set(state))
+    if prequant is not None:
+        for p in nf4:
+            if "weight" in bnb[p]:
+                quantized[p] = _read_bnb(bnb.pop(p), tuple(model.get_submodule(p).weight.shape), f"{folder}: {p}")
+    missing = sorted(set(expected) - set(state)) + sorted(f"{p}.weight" for p in nf4 - set(quantized))
     if missing or unexpected:
         raise ValueError(f"checkpoint {folder} does not match a {cfg.model_type} model: "
                          f"missing keys {missing[:10]}{' …' if len(missing) > 10 else ''}, "
                          f"unexpected keys {unexpected[:10]}{' …' if len(unexpected) > 10 else ''}")
-    model.load_state_dict(state, assign=True, strict=not cfg.tie_word_embeddings)
+    # Swap the meta nn.Linears for NF4Linear before assigning the 16-bit rest.
+    for p, (packed, qstate) in quantized.items():
+        parent, _, name = p.rpartition(".")
+        setattr(model.get_submodule(parent), name, NF4Linear(packed, qstate, state.pop(f"{p}.bias", None)))
+    model.load_state_dict(state, assign=True, strict=False)  # keys were checked above
     model.tie_weights()
     model.source = str(name_or_path)  # recorded in adapters as base_model_name_or_path
     return model.eval()

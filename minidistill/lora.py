@@ -5,6 +5,9 @@ base under the same state-dict keys (`...q_proj.weight`) and adds `lora_A` / `lo
 (`...q_proj.lora_A.weight`). Adapters are written and read in PEFT's layout
 (`adapter_config.json` + `adapter_model.safetensors`, keys `base_model.model.<path>.lora_A.weight`).
 
+QLoRA: an `NF4Linear` target becomes `NF4LoRALinear`, the same layer over the 4-bit base (its
+packed keys unchanged); `merge_lora` decodes such layers and leaves 16-bit `nn.Linear`s.
+
 Fused Phi-3 models (`qkv_proj`, `gate_up_proj`): the names q/k/v_proj map to `qkv_proj` and
 gate/up_proj to `gate_up_proj`, so the default targets work on every family. A split q/k/v
 adapter loaded into a fused model is fused exactly: A's concatenated along the rank, B
@@ -29,6 +32,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
+
+from .quant import NF4Linear, NF4State, dense_linear, dequantize_nf4, nf4_linear, nf4_state_of, register_nf4_weight
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -70,7 +75,10 @@ class LoRALinear(nn.Module):
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self._init_adapter(r, scaling, dropout, base.weight.device, base.weight.dtype)
+
+    def _init_adapter(self, r: int, scaling: float, dropout: float, device: torch.device, dtype: torch.dtype) -> None:
+        kw = dict(device=device, dtype=dtype)
         self.lora_A = nn.Linear(self.in_features, r, bias=False, **kw)  # kaiming_uniform(a=√5), PEFT's init
         self.lora_B = nn.Linear(r, self.out_features, bias=False, **kw)
         nn.init.zeros_(self.lora_B.weight)  # B = 0: the adapter starts as the identity
@@ -102,6 +110,41 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+class NF4LoRALinear(LoRALinear):
+    """QLoRA: LoRALinear over a frozen NF4 base (an `NF4Linear`'s buffers, same state-dict keys).
+
+    The base is decoded per call (Triton on CUDA, torch elsewhere) and backward decodes it again
+    for the input gradient: no 16-bit copy is kept and no weight gradient exists. The LoRA
+    weights are fp32 whatever the compute dtype, so small updates are not lost to bf16 rounding.
+    """
+
+    def __init__(self, base: NF4Linear, r: int, scaling: float, dropout: float = 0.0):
+        nn.Module.__init__(self)
+        register_nf4_weight(self, base.weight, base.state)  # shares the tensors, no copy
+        self.register_parameter("bias", base.bias)  # frozen by NF4Linear
+        self._init_adapter(r, scaling, dropout, base.weight.device, torch.float32)
+
+    @property
+    def state(self) -> NF4State:
+        return nf4_state_of(self)
+
+    def base_forward(self, x: Tensor) -> Tensor:
+        return nf4_linear(x, self.weight, self.state, self.bias)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The base weight [out, in] decoded to `dtype` (default: the original weight's)."""
+        return dequantize_nf4(self.weight, self.state, dtype)
+
+    def merge(self) -> None:
+        raise TypeError("a 4-bit base cannot hold a merged weight; call md.merge_lora(model), which "
+                        "replaces this layer by a 16-bit nn.Linear (or use merged_linear(dtype))")
+
+    def merged_linear(self, dtype: torch.dtype) -> nn.Linear:
+        """A dense nn.Linear in `dtype` holding dequant(W) + B @ A * scaling, summed in fp32."""
+        with torch.no_grad():
+            return dense_linear(self.dequantize(torch.float32) + self.delta_weight(), self.bias, dtype)
 
 
 # ---------------------------------------------------------------- trainable rows for new tokens
@@ -211,7 +254,7 @@ def add_tokens(model: nn.Module, tok, tokens: list[str]) -> list[str]:
 def _linears(model: nn.Module) -> dict[str, nn.Module]:
     """Linear layers inside the blocks (`model.layers.*`), the ones that can take LoRA."""
     return {n: m for n, m in model.named_modules()
-            if n.startswith("model.layers.") and isinstance(m, (nn.Linear, LoRALinear))}
+            if n.startswith("model.layers.") and isinstance(m, (nn.Linear, LoRALinear, NF4Linear))}
 
 
 def _matches(path: str, target: str) -> bool:
@@ -258,7 +301,9 @@ def _freeze_all_but_adapters(model: nn.Module) -> None:
 
 def _print_trainable(model: nn.Module) -> None:
     params = {id(p): p for p in model.parameters()}.values()
-    total = sum(p.numel() for p in params)
+    # 4-bit weights are buffers: count their elements too, as PEFT counts bnb's Params4bit.
+    total = sum(p.numel() for p in params) + sum(
+        m.in_features * m.out_features for m in model.modules() if isinstance(m, (NF4Linear, NF4LoRALinear)))
     trainable = sum(p.numel() for p in params if p.requires_grad)
     print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
 
@@ -270,14 +315,16 @@ def _wrap(model: nn.Module, paths: list[str], cfg: LoraConfig, ranks: dict[str, 
             raise ValueError(f"{path} already has LoRA; load or apply adapters on a fresh model "
                              "(or call merge_lora first)")
         r, scaling = (ranks or {}).get(path, (cfg.r, cfg.scaling()))
-        _set_module(model, path, LoRALinear(base, r, scaling, cfg.dropout))
+        cls = NF4LoRALinear if isinstance(base, NF4Linear) else LoRALinear
+        _set_module(model, path, cls(base, r, scaling, cfg.dropout))
 
 
 def apply_lora(model: nn.Module, cfg: LoraConfig, *, verbose: bool = True) -> nn.Module:
     """Swap the target linears of the blocks for LoRALinear and freeze everything else.
 
-    Only the LoRA weights (and new-token rows from `add_tokens`) require grad afterwards.
-    Prints the trainable parameter count (verbose); returns the model.
+    An NF4Linear target (a model loaded with quantize="nf4") becomes NF4LoRALinear (QLoRA, fp32
+    LoRA weights); NF4 linears not targeted stay NF4Linear. Only the LoRA weights (and new-token
+    rows from `add_tokens`) require grad afterwards. Prints the trainable parameter count (verbose); returns the model.
     """
     paths = _resolve_targets(model, cfg.targets)
     _wrap(model, paths, cfg)
@@ -295,13 +342,27 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every LoRA update (and new-token rows) into the base weights; plain modules again.
 
+    A 4-bit base is decoded, merged in fp32 and becomes a 16-bit nn.Linear in the model's compute
+    dtype (the embedding's); NF4 linears without LoRA are decoded too, so the model is dense.
     Idempotent. Afterwards the state dict has exactly the keys of an HF checkpoint.
     """
+    dtype = model.model.embed_tokens.weight.dtype
+    dequantized = False
     for path, m in lora_layers(model).items():
+        if isinstance(m, NF4LoRALinear):
+            _set_module(model, path, m.merged_linear(dtype))
+            dequantized = True
+            continue
         m.merge()
         lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
         lin.weight, lin.bias = m.weight, m.bias
         _set_module(model, path, lin)
+    for path, m in [(n, m) for n, m in model.named_modules() if isinstance(m, NF4Linear)]:
+        _set_module(model, path, m.to_linear(dtype))
+        dequantized = True
+    if dequantized and "quantization_config" in model.config.raw:
+        # A pre-quantized source: the export is dense now, and readers must not expect 4-bit.
+        model.config.raw.pop("quantization_config")
     emb, head = model.model.embed_tokens, model.lm_head
     if isinstance(emb, TokenRowsEmbedding):
         with torch.no_grad():

@@ -3,7 +3,9 @@
 `quantize_nf4` reproduces `bitsandbytes.functional.quantize_4bit(quant_type="nf4")` code for
 code (as bnb computes it on CPU), `dequantize_nf4` decodes with the Triton kernel on CUDA and
 the torch reference elsewhere, and `nf4_state_from_bnb_tensors` / `nf4_state_to_bnb_tensors`
-read and write the keys of pre-quantized "-bnb-4bit" checkpoints. Format: reference/nf4.md.
+read and write the keys of pre-quantized "-bnb-4bit" checkpoints. `NF4Linear` is the frozen
+4-bit base (QLoRA's LoRA layer over it is lora.NF4LoRALinear); the helpers at the end decide
+what `checkpoint.load_model` quantizes. Format: reference/nf4.md.
 """
 
 from __future__ import annotations
@@ -216,22 +218,53 @@ class _NF4Matmul(torch.autograd.Function):
         return grad_x, None, None, grad_b
 
 
+def register_nf4_weight(module: nn.Module, packed: torch.Tensor, state: NF4State) -> None:
+    """Store an NF4 weight on `module` as buffers under NF4Linear's state-dict keys (`weight`,
+    `absmax`, `code`, `nested_absmax`, `nested_code`, `offset`); shared by the QLoRA layer."""
+    if len(state.shape) != 2:
+        raise ValueError(f"an NF4 linear needs a 2-D weight shape, got {tuple(state.shape)}")
+    module.out_features, module.in_features = state.shape
+    module.register_buffer("weight", packed)  # key "weight" as nn.Linear: LoRA keys match
+    module.register_buffer("absmax", state.absmax)
+    module.register_buffer("code", state.code)
+    module.register_buffer("nested_absmax", state.nested_absmax)
+    module.register_buffer("nested_code", state.nested_code)
+    module.register_buffer("offset", state.offset)
+    module.blocksize, module.nested_blocksize, module.weight_dtype = (
+        state.blocksize, state.nested_blocksize, state.dtype)
+
+
+def nf4_state_of(module: nn.Module) -> NF4State:
+    """The NF4State of a module set up by `register_nf4_weight`, read from its buffers on each
+    call so that .to(device) on the module moves the state too."""
+    return NF4State(absmax=module.absmax, code=module.code, blocksize=module.blocksize,
+                    shape=(module.out_features, module.in_features), dtype=module.weight_dtype,
+                    nested_absmax=module.nested_absmax, nested_code=module.nested_code,
+                    offset=module.offset, nested_blocksize=module.nested_blocksize)
+
+
+def nf4_linear(x: torch.Tensor, packed: torch.Tensor, state: NF4State,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ dequant(W).T + b in x's dtype; backward keeps only the packed bytes (see _NF4Matmul)."""
+    return _NF4Matmul.apply(x, packed, state, None if bias is None else bias.to(x.dtype))
+
+
+def dense_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Linear:
+    """A frozen 16-bit (or fp32) nn.Linear holding `weight` / `bias` cast to `dtype`."""
+    out_f, in_f = weight.shape
+    lin = nn.Linear(in_f, out_f, bias=bias is not None, device="meta")
+    lin.weight = nn.Parameter(weight.detach().to(dtype), requires_grad=False)
+    if bias is not None:
+        lin.bias = nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+    return lin
+
+
 class NF4Linear(nn.Module):
     """A frozen linear layer whose weight is stored as NF4 (bnb layout) and decoded per call."""
 
     def __init__(self, packed: torch.Tensor, state: NF4State, bias: torch.Tensor | None = None):
         super().__init__()
-        if len(state.shape) != 2:
-            raise ValueError(f"NF4Linear needs a 2-D weight shape, got {tuple(state.shape)}")
-        self.out_features, self.in_features = state.shape
-        self.register_buffer("weight", packed)  # key "weight" as nn.Linear: LoRA keys match
-        self.register_buffer("absmax", state.absmax)
-        self.register_buffer("code", state.code)
-        self.register_buffer("nested_absmax", state.nested_absmax)
-        self.register_buffer("nested_code", state.nested_code)
-        self.register_buffer("offset", state.offset)
-        self.blocksize, self.nested_blocksize, self.weight_dtype = (
-            state.blocksize, state.nested_blocksize, state.dtype)
+        register_nf4_weight(self, packed, state)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
     @classmethod
@@ -243,21 +276,83 @@ class NF4Linear(nn.Module):
 
     @property
     def state(self) -> NF4State:
-        # Built from the buffers on each call, so .to(device) on the module moves the state too.
-        return NF4State(absmax=self.absmax, code=self.code, blocksize=self.blocksize,
-                        shape=(self.out_features, self.in_features), dtype=self.weight_dtype,
-                        nested_absmax=self.nested_absmax, nested_code=self.nested_code,
-                        offset=self.offset, nested_blocksize=self.nested_blocksize)
+        return nf4_state_of(self)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense weight [out, in] in `dtype` (default: the original weight's)."""
         return dequantize_nf4(self.weight, self.state, dtype)
 
+    def to_linear(self, dtype: torch.dtype) -> nn.Linear:
+        """A dense nn.Linear in `dtype` with the decoded weight (for a merged 16-bit export)."""
+        return dense_linear(self.dequantize(dtype), self.bias, dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return _NF4Matmul.apply(x, self.weight, self.state, bias)
+        return nf4_linear(x, self.weight, self.state, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, blocksize={self.blocksize}, "
                 f"double_quant={self.nested_absmax is not None}")
+
+
+# ---- loading: quantize while loading, or read a pre-quantized "-bnb-4bit" checkpoint --------
+QUANTIZE_MODES = (None, "nf4")
+BNB_NF4_KEY = "quant_state.bitsandbytes__nf4"  # suffix of `X.weight.` marking a 4-bit module
+BNB_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", BNB_NF4_KEY)
+_SUPPORTED_CONFIG = ("quant_method 'bitsandbytes' with load_in_4bit=true and "
+                     "bnb_4bit_quant_type 'nf4' (with or without double quant)")
+
+
+def check_quantize(quantize: str | None) -> None:
+    if quantize not in QUANTIZE_MODES:
+        raise ValueError(f"quantize={quantize!r} is not supported; valid: {', '.join(map(repr, QUANTIZE_MODES))}")
+
+
+def bnb_nf4_config(raw: Mapping, where: str) -> dict | None:
+    """The `quantization_config` of a pre-quantized bitsandbytes NF4 checkpoint, None when the
+    config has none; any other quantization (fp4, 8-bit, GPTQ, AWQ, ...) fails naming what works."""
+    qc = raw.get("quantization_config")
+    if qc is None:
+        return None
+    method = qc.get("quant_method")
+    four_bit = qc.get("load_in_4bit", qc.get("_load_in_4bit", False))
+    eight_bit = qc.get("load_in_8bit", qc.get("_load_in_8bit", False))
+    qtype = qc.get("bnb_4bit_quant_type", "fp4")  # bnb's own default is fp4
+    if method != "bitsandbytes" or not four_bit or eight_bit or qtype != "nf4":
+        found = {k: qc.get(k) for k in ("quant_method", "load_in_4bit", "load_in_8bit",
+                                        "bnb_4bit_quant_type", "bits") if k in qc}
+        raise ValueError(f"{where}: quantization_config {found} is not supported; supported: "
+                         f"{_SUPPORTED_CONFIG}, or a 16-bit checkpoint (with quantize='nf4' to "
+                         "quantize while loading)")
+    return dict(qc)
+
+
+def block_linear_paths(model: nn.Module) -> list[str]:
+    """The nn.Linear layers inside the blocks (`model.layers.*`): what gets quantized."""
+    return [n for n, m in model.named_modules()
+            if n.startswith("model.layers.") and isinstance(m, nn.Linear)]
+
+
+def _skip_listed(path: str, skip: list[str]) -> bool:
+    # transformers' prefix-at-a-module-boundary and suffix rules (its regex rule is left out:
+    # older writers matched plain substrings, which these two rules imply).
+    return any(path.endswith(k) or path == k or path.startswith(k + ".") for k in skip)
+
+
+def prequantized_paths(keys: set[str], linears: list[str], qc: dict, where: str) -> set[str]:
+    """Module paths stored in 4-bit in a pre-quantized checkpoint: those whose weight carries a
+    bnb NF4 quant state. The file decides; `llm_int8_skip_modules` must agree with it."""
+    bad = sorted(k for k in keys if ".weight.quant_state." in k and not k.endswith(BNB_NF4_KEY))
+    if bad:
+        raise ValueError(f"{where}: {bad[:3]} are not NF4 quant states; supported: {_SUPPORTED_CONFIG}")
+    paths = {k[: -len(".weight." + BNB_NF4_KEY)] for k in keys if k.endswith(".weight." + BNB_NF4_KEY)}
+    outside = sorted(paths - set(linears))
+    if outside:
+        raise ValueError(f"{where}: {outside[:5]} are 4-bit, but only the linear layers of the blocks "
+                         "can be; embeddings, norms and the head must be 16-bit in the file")
+    skip = list(qc.get("llm_int8_skip_modules") or [])
+    contradict = sorted(p for p in paths if _skip_listed(p, skip))
+    if contradict:
+        raise ValueError(f"{where}: {contradict[:5]} are 4-bit in the file but llm_int8_skip_modules "
+                         f"{skip} says they are not quantized; the checkpoint is inconsistent")
+    return paths
