@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .hub import INDEX_FILE, SINGLE_FILE, repo_id_for
+from .quant import NF4Linear
 from .lora import TokenRowsEmbedding, lora_layers
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -73,6 +74,9 @@ def save_model(model: nn.Module, path: str | Path, tokenizer=None, *, max_shard_
     if lora_layers(model) or isinstance(model.model.embed_tokens, TokenRowsEmbedding):
         raise ValueError("model has LoRA layers or new-token rows: call md.merge_lora(model) first to "
                          "export a merged checkpoint, or md.save_adapter(model, dir) to save the adapter")
+    if any(isinstance(m, NF4Linear) for m in model.modules()):
+        raise ValueError("model has 4-bit (NF4) layers, which no HF tool reads in our layout: call "
+                         "md.merge_lora(model) first, which decodes them into 16-bit weights")
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     for old in [*out.glob("model*.safetensors"), out / INDEX_FILE]:  # stale shards would shadow the new files

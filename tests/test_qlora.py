@@ -345,3 +345,10 @@ def test_nf4_load_on_cuda_matches_cpu(tmp_path):
     out = md.chunked_cross_entropy(q(x, return_hidden=True), q.head_weight, labels)
     out.loss.backward()
     assert all(p.grad is not None for p in q.parameters() if p.requires_grad)
+
+
+def test_save_model_refuses_unmerged_4bit(tmp_path):
+    write_checkpoint(tmp_path / "src", "llama3")
+    model = md.load_model(tmp_path / "src", dtype=torch.float32, quantize="nf4")
+    with pytest.raises(ValueError, match="4-bit .*merge_lora"):
+        md.save_model(model, tmp_path / "out")
