@@ -26,6 +26,7 @@ class Batch:
     document_ids: Tensor | None  # (B, T) sample index within the row when packed, else None
     num_tokens: int  # labelled positions
     num_input_tokens: int  # non-padding input tokens
+    rows: list[list[int]]  # sample indices of each row, in order (to find per-sample data, e.g. a teacher cache)
 
 
 class Batches(Sequence):
@@ -116,6 +117,7 @@ def _pack(order: np.ndarray, lengths: np.ndarray, seq_len: int) -> list[list[int
 def _collate(samples: list[Sample], rows: list[list[int]], seq_len: int | None, pad_id: int,
              weighted: bool) -> Batch:
     packed = seq_len is not None
+    sample_rows = [list(r) for r in rows]
     if not rows:  # an empty batch that keeps ranks in step: one padding row, nothing to learn
         rows = [[]]
     # Rows are as long as the longest one (packed rows are at most seq_len): no all-padding tail.
@@ -145,4 +147,4 @@ def _collate(samples: list[Sample], rows: list[list[int]], seq_len: int | None, 
         doc[b, t:] = len(row)
     lab = torch.from_numpy(labels)
     return Batch(torch.from_numpy(ids), lab, None if w is None else torch.from_numpy(w), torch.from_numpy(pos),
-                 torch.from_numpy(doc) if packed else None, int((lab != IGNORE).sum()), n_in)
+                 torch.from_numpy(doc) if packed else None, int((lab != IGNORE).sum()), n_in, sample_rows)

@@ -63,8 +63,12 @@ def demo_data_path(cache: Path) -> Path:
     return write_demo_data(cache / "arithmetic.jsonl")
 
 
-def build_demo_model(folder: Path, seed: int = 0, hidden: int = 128, layers: int = 4) -> Path:
-    """Write a tiny randomly initialised Llama-layout checkpoint + trained tokenizer to folder."""
+def build_demo_model(folder: str | Path, seed: int = 0, hidden: int = 128, layers: int = 4,
+                     init_seed: int | None = None) -> Path:
+    """Write a tiny randomly initialised Llama-layout checkpoint + trained tokenizer to folder.
+
+    The tokenizer depends on `seed` only; `init_seed` (default: seed) draws the weights, so two
+    folders can share a tokenizer with different weights (a teacher and a student)."""
     from safetensors.torch import save_file
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -99,7 +103,7 @@ def build_demo_model(folder: Path, seed: int = 0, hidden: int = 128, layers: int
               "torch_dtype": "float32"}
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos]}))
-    torch.manual_seed(seed)
+    torch.manual_seed(seed if init_seed is None else init_seed)
     model = Transformer(ModelConfig.from_hf(config))
     with torch.no_grad():
         # The head is tied to the embedding and stays frozen under LoRA, so its scale bounds how

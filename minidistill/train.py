@@ -74,6 +74,12 @@ class TrainConfig:
     seed: int = _f(0, "seed for data order, LoRA init and dropout")
     sample_prompts: str | None = _f(None, "text file, one prompt per line, answered before and after training")
     sample_max_tokens: int = _f(256, "new tokens per sample answer")
+    teacher: str | None = _f(None, "online logit distillation from this model (same tokenizer as --model)")
+    teacher_quantize: str | None = _f(None, "load the teacher in 4-bit", choices=[None, "nf4"])
+    teacher_cache: str | None = _f(None, "offline distillation from a top-k logit cache (python -m minidistill.distill cache-logits)")
+    kd_weight: float = _f(0.5, "loss = (1 - w) * CE + w * KD, with a teacher or teacher cache")
+    kd_temperature: float = _f(1.0, "softmax temperature of the KD term (loss scaled by T^2)")
+    kd_loss: str = _f("forward", "divergence: forward KL(teacher||student), reverse KL, or JSD", choices=["forward", "reverse", "jsd"])
     merge: bool = _f(False, "also write merged/ (HF layout, LoRA folded in)")
     log: str = _f("jsonl", "metrics sink besides metrics.jsonl", choices=["jsonl", "tensorboard", "wandb"])
     log_every: int = _f(1, "steps between metric rows")
@@ -115,6 +121,14 @@ def check_config(cfg: TrainConfig) -> list[str]:
             out.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     if cfg.max_steps < 0 or cfg.epochs <= 0:
         out.append("--max-steps must be >= 0 and --epochs > 0")
+    if cfg.teacher and cfg.teacher_cache:
+        out.append("use either --teacher (online) or --teacher-cache (offline), not both")
+    if not 0 <= cfg.kd_weight <= 1:
+        out.append(f"--kd-weight must be in [0, 1], got {cfg.kd_weight}")
+    if cfg.teacher_cache and cfg.kd_loss != "forward":
+        out.append("--teacher-cache holds the teacher's top-k only, which supports --kd-loss forward")
+    if cfg.teacher_cache and cfg.eval_split:
+        out.append("--teacher-cache was made from the whole --data: hold out with --eval-data, not --eval-split")
     if cfg.min_lr > cfg.lr:
         out.append(f"--min-lr {cfg.min_lr} is above --lr {cfg.lr}")
     return out
@@ -166,22 +180,75 @@ class Batches:
         return self._list[self.index - 1]
 
 
-def forward_loss(model, batch, device, num_items, amp):
-    """Masked chunked CE of one micro-batch, normalised by the accumulated token count."""
+def model_inputs(batch, device) -> dict:
+    return dict(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device),
+                document_ids=None if batch.document_ids is None else batch.document_ids.to(device))
+
+
+def forward_loss(model, batch, device, num_items, amp, kd=None, kd_weight: float = 0.0):
+    """Loss of one micro-batch, normalised by the accumulated token count: masked chunked CE,
+    mixed with a distillation term `kd(hidden, head, labels, batch, num_items)` when given.
+    Returns (loss to backward, detached CE sum, detached KD sum or None)."""
     with amp:
-        hidden = model(batch.input_ids.to(device), position_ids=batch.position_ids.to(device),
-                       document_ids=None if batch.document_ids is None else batch.document_ids.to(device),
-                       return_hidden=True)
+        hidden = model(**model_inputs(batch, device), return_hidden=True)
         head = (model.module if hasattr(model, "module") else model).head_weight
+        labels = batch.labels.to(device)
         weights = None if batch.weights is None else batch.weights.to(device)
-        return chunked_cross_entropy(hidden, head, batch.labels.to(device), weights=weights, num_items=num_items)
+        ce = chunked_cross_entropy(hidden, head, labels, weights=weights, num_items=num_items)
+        if kd is None:
+            return ce.loss, ce.loss_sum, None
+        d = kd(hidden, head, labels, batch, num_items)
+        return (1 - kd_weight) * ce.loss + kd_weight * d.loss, ce.loss_sum, d.loss_sum
+
+
+def make_kd(cfg: TrainConfig, tok, data, device, dtype, log):
+    """The distillation term for forward_loss: online from a teacher model, or offline from a
+    top-k cache; None without either."""
+    from .checkpoint import load_model
+    from .distill import TeacherCache
+    from .kd import chunked_kd_loss, kd_from_topk
+    from .tokenizer import load_tokenizer
+
+    if cfg.teacher_cache:
+        cache = TeacherCache(cfg.teacher_cache)
+        cache.check(data)  # same samples, same order as the cache was made from
+        if abs(cache.temperature - cfg.kd_temperature) > 1e-9:
+            raise SystemExit(f"--teacher-cache was made at temperature {cache.temperature}; pass "
+                             f"--kd-temperature {cache.temperature} or re-run cache-logits")
+
+        def from_cache(hidden, head, labels, batch, num_items):
+            ids, logprobs, tail = cache.gather([i for row in batch.rows for i in row])
+            return kd_from_topk(hidden, head, labels, ids.to(device), logprobs.to(device), tail.to(device),
+                                temperature=cfg.kd_temperature, num_items=num_items)
+        return from_cache
+    if not cfg.teacher:
+        return None
+    # Teacher and student must tokenize alike: the KD targets are the teacher's next-token
+    # distributions over the student's ids.
+    t_tok = load_tokenizer(cfg.teacher)
+    for s in data.samples[:3]:
+        text = tok.decode(s.ids)
+        if t_tok.encode(text) != tok.encode(text):
+            raise SystemExit(f"teacher {cfg.teacher} and student {cfg.model} tokenize differently; online KD "
+                             "needs a shared tokenizer (use traces from the teacher instead: "
+                             "python -m minidistill.generate --prompts ... --output traces.jsonl)")
+    teacher = load_model(cfg.teacher, dtype=dtype, device=device, quantize=cfg.teacher_quantize).requires_grad_(False)
+    log(f"teacher {cfg.teacher}: {teacher.num_parameters():,} parameters, frozen")
+
+    def online(hidden, head, labels, batch, num_items):
+        with torch.no_grad():
+            t_hidden = teacher(**model_inputs(batch, device), return_hidden=True)
+        return chunked_kd_loss(hidden, head, t_hidden, teacher.head_weight, labels, kind=cfg.kd_loss,
+                               temperature=cfg.kd_temperature, num_items=num_items)
+    return online
 
 
 @torch.no_grad()
 def evaluate(model, batches: list, device, amp) -> float:
+    """Cross-entropy of the eval batches, per trained token."""
     model.eval()
     total = sum(b.num_tokens for b in batches)
-    loss = sum(float(forward_loss(model, b, device, total, amp).loss) for b in batches)
+    loss = sum(float(forward_loss(model, b, device, total, amp)[0]) for b in batches)
     model.train()
     return loss
 
@@ -246,6 +313,7 @@ def train(cfg: TrainConfig) -> dict:
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
         before = runstate.answer_prompts(model, tok, prompts, cfg.sample_max_tokens, amp)
         (out / "samples_before.json").write_text(json.dumps(before))
+    kd = make_kd(cfg, tok, data, device, dtype, log)
     ddp = model
     if world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -267,23 +335,25 @@ def train(cfg: TrainConfig) -> dict:
                                   dtype=torch.float64, device=device)
             if world > 1:
                 dist.all_reduce(counts)
-            num_items, loss_sum = float(counts[0]), 0.0
+            num_items = float(counts[0])
+            sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, CE, KD sums
             for i, b in enumerate(micro):
                 sync = world == 1 or i == len(micro) - 1
                 with nullcontext() if sync else ddp.no_sync():
-                    res = forward_loss(ddp, b, device, num_items, amp)
+                    loss, ce_sum, kd_sum = forward_loss(ddp, b, device, num_items, amp, kd, cfg.kd_weight)
                     # DDP averages gradients over ranks; the loss is already normalised by the
                     # global token count, so undo the average.
-                    loss = res.loss * world
-                    (scaler.scale(loss) if scaler else loss).backward()
-                loss_sum += float(res.loss_sum)
+                    (scaler.scale(loss * world) if scaler else loss * world).backward()
+                sums[0] += loss.detach() * num_items
+                sums[1] += ce_sum
+                if kd_sum is not None:
+                    sums[2] += kd_sum
             if scaler:
                 scaler.unscale_(opt)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
-            stats = torch.tensor([loss_sum], dtype=torch.float64, device=device)
             if world > 1:
-                dist.all_reduce(stats)
-            step_loss = float(stats[0]) / max(num_items, 1)
+                dist.all_reduce(sums)
+            step_loss, ce_loss, kd_loss = (float(x) / max(num_items, 1) for x in sums)
             if not (math.isfinite(step_loss) and math.isfinite(float(grad_norm))):
                 opt.zero_grad(set_to_none=True)
                 if scaler:
@@ -307,6 +377,8 @@ def train(cfg: TrainConfig) -> dict:
             elapsed = time.time() - t_step
             row = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": float(grad_norm),
                    "tokens": int(num_items), "tokens_per_s": float(counts[1]) / elapsed, "elapsed_s": time.time() - t0}
+            if kd is not None:
+                row.update(ce_loss=ce_loss, kd_loss=kd_loss)
             if step % cfg.log_every == 0 or step == total:
                 metrics.write(row)
             bar.update(1)

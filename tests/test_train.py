@@ -143,3 +143,35 @@ def test_help_lists_every_flag(capsys):
     for flag in ("--model", "--data", "--lora-targets", "--resume", "--grad-checkpointing", "--no-grad-checkpointing",
                  "--eval-split", "--keep-last", "--merge", "--log", "--quantize"):
         assert flag in text
+
+
+@pytest.mark.parametrize("mode", ["online", "cache"])
+def test_distillation_lowers_kd_loss(setup, mode):
+    root, model, data = setup
+    teacher = build_demo_model(root / "teacher", hidden=64, layers=2, init_seed=7)  # same tokenizer, other weights
+    out = root / f"kd-{mode}"
+    args = common(model, data, out, steps=16) + ["--kd-weight", "0.9", "--lora-dropout", "0.0"]
+    if mode == "online":
+        args += ["--teacher", str(teacher), "--kd-loss", "reverse"]
+    else:
+        cache = root / "teacher-cache"
+        subprocess.run([sys.executable, "-m", "minidistill.distill", "cache-logits", "--teacher", str(teacher),
+                        "--data", str(data), "--max-seq-len", "128", "--top-k", "8", "--output", str(cache),
+                        "--device", "cpu"], check=True, env=env(root), capture_output=True, timeout=300)
+        args += ["--teacher-cache", str(cache)]
+    subprocess.run([sys.executable, "-m", "minidistill.train", *args], check=True, env=env(root),
+                   capture_output=True, timeout=300)
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all({"kd_loss", "ce_loss"} <= set(r) for r in rows)
+    for r in rows:  # the reported loss is the 0.1 / 0.9 mix of its parts
+        assert r["loss"] == pytest.approx(0.1 * r["ce_loss"] + 0.9 * r["kd_loss"], rel=1e-5)
+    first, last = sum(r["kd_loss"] for r in rows[:3]) / 3, sum(r["kd_loss"] for r in rows[-3:]) / 3
+    assert last < 0.8 * first, (first, last)
+
+
+def test_teacher_with_another_tokenizer_is_refused(setup, tmp_path):
+    root, model, data = setup
+    other = build_demo_model(tmp_path / "other", seed=5, hidden=64, layers=2)  # tokenizer trained on other data
+    r = subprocess.run([sys.executable, "-m", "minidistill.train", *common(model, data, tmp_path / "o"),
+                        "--teacher", str(other)], env=env(root), capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "tokenize differently" in r.stderr
