@@ -14,7 +14,7 @@ import torch
 import minidistill as md
 from minidistill.batches import make_batches
 from minidistill.data import DataConfig, prepare_data
-from minidistill.demo import DEMO_DATA, build_demo_model
+from minidistill.demo import DEMO_DATA, demo_model_dir
 
 
 def main() -> None:
@@ -25,7 +25,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="default: %(default)s")
     p.add_argument("--output", default="runs/custom-loop", help="adapter folder parent (default: %(default)s)")
     args = p.parse_args()
-    model_dir = args.model or str(build_demo_model(Path.home() / ".cache" / "minidistill" / "demo" / "model"))
+    model_dir = args.model or str(demo_model_dir())
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
 
     tok = md.load_tokenizer(model_dir)

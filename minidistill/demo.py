@@ -10,12 +10,24 @@ loop) on that folder, so it exercises exactly what a real run does, without a ne
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
 import torch
 
 DEMO_DATA = Path(__file__).resolve().parent.parent / "examples" / "data" / "arithmetic.jsonl"
+DEMO_VERSION = 2  # bump when the demo model's recipe changes, so cached copies are not reused
+
+
+def demo_cache() -> Path:
+    """Where the demo keeps its model (and data, when examples/ is absent): $MINIDISTILL_CACHE/demo."""
+    return Path(os.environ.get("MINIDISTILL_CACHE", Path.home() / ".cache" / "minidistill")) / "demo"
+
+
+def demo_model_dir() -> Path:
+    """The demo model's folder, built on first use."""
+    return build_demo_model(demo_cache() / f"model-v{DEMO_VERSION}")
 
 _NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jun"]
 _THINGS = ["apples", "books", "coins", "marbles", "pens", "stamps", "cards", "shells"]

@@ -420,13 +420,11 @@ def train(cfg: TrainConfig) -> dict:
     return summary
 
 
-def demo_config(argv_given: bool) -> TrainConfig:
+def demo_config() -> TrainConfig:
     """The offline demo: a tiny random model and the bundled arithmetic reasoning data."""
-    from .demo import build_demo_model, demo_data_path
+    from .demo import demo_cache, demo_data_path, demo_model_dir
 
-    cache = Path(os.environ.get("MINIDISTILL_CACHE", Path.home() / ".cache" / "minidistill")) / "demo"
-    model_dir = build_demo_model(cache / "model")
-    return TrainConfig(model=str(model_dir), data=str(demo_data_path(cache)), output="runs/demo", max_steps=120,
+    return TrainConfig(model=str(demo_model_dir()), data=str(demo_data_path(demo_cache())), output="runs/demo", max_steps=120,
                        batch_size=8, grad_accum=1, max_seq_len=128, lr=3e-3, min_lr=3e-4, warmup_steps=10,
                        lora_r=32, lora_alpha=32, lora_targets="all-linear", grad_checkpointing=False,
                        eval_split=0.02, eval_every=40, save_every=60, sample_max_tokens=60, device="cpu")
@@ -437,7 +435,7 @@ def main(argv: list[str] | None = None) -> None:
     if not argv:
         print("no arguments: running the offline demo (a tiny random model learns arithmetic reasoning "
               "traces on CPU; see --help for a real run)")
-        cfg = demo_config(False)
+        cfg = demo_config()
         if Path(cfg.output).exists():
             import shutil
 
