@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -63,6 +63,8 @@ class TrainConfig:
     think_weight: float = _f(1.0, "loss weight of tokens in <think>...</think>")
     answer_weight: float = _f(1.0, "loss weight of the answer tokens")
     last_turn_only: bool = _f(False, "train on the last assistant turn only")
+    strip_history_reasoning: bool = _f(False, "drop <think>...</think> from earlier assistant turns")
+    limit: int | None = _f(None, "read at most this many records of --data")
     on_truncation: str = _f("drop", "sample whose answer or </think> is cut by --max-seq-len", choices=["drop", "truncate", "error"])
     on_bad_record: str = _f("skip", "malformed records", choices=["skip", "error"])
     eval_data: str | None = _f(None, "evaluation data (same forms as --data)")
@@ -94,7 +96,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         if f.type in ("bool", bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=meta["help"])
             continue
-        typ = {"int": int, "float": float}.get(str(f.type), str)
+        typ = {"int": int, "float": float}.get(str(f.type).split("|")[0].strip(), str)  # "int | None" -> int
         choices = [c for c in meta.get("choices", []) if c is not None] or None
         p.add_argument(flag, type=typ, default=f.default, choices=choices, help=meta["help"])
     args = p.parse_args(argv)
@@ -273,14 +275,14 @@ def train(cfg: TrainConfig) -> dict:
     tok = load_tokenizer(cfg.model)
     dcfg = DataConfig(format=cfg.format, max_seq_len=cfg.max_seq_len, system_prompt=cfg.system_prompt,
                       think_weight=cfg.think_weight, answer_weight=cfg.answer_weight,
-                      last_turn_only=cfg.last_turn_only, on_truncation=cfg.on_truncation,
-                      on_bad_record=cfg.on_bad_record)
+                      last_turn_only=cfg.last_turn_only, strip_history_reasoning=cfg.strip_history_reasoning,
+                      on_truncation=cfg.on_truncation, on_bad_record=cfg.on_bad_record, limit=cfg.limit)
     data = prepare_data(cfg.data, tok, dcfg, log=log)
     eval_data = None
     if cfg.eval_split:
         data, eval_data = split_eval(data, cfg.eval_split, seed=cfg.seed)
     elif cfg.eval_data:
-        eval_data = prepare_data(cfg.eval_data, tok, dcfg, log=log)
+        eval_data = prepare_data(cfg.eval_data, tok, replace(dcfg, limit=None), log=log)
     pad_id = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
     eval_batches = [] if eval_data is None else make_batches(eval_data, cfg.batch_size, cfg.max_seq_len, packing=cfg.packing,
                                                              shuffle=False, rank=rank, world_size=world, pad_id=pad_id)

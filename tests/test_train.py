@@ -175,3 +175,10 @@ def test_teacher_with_another_tokenizer_is_refused(setup, tmp_path):
     r = subprocess.run([sys.executable, "-m", "minidistill.train", *common(model, data, tmp_path / "o"),
                         "--teacher", str(other)], env=env(root), capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "tokenize differently" in r.stderr
+
+
+def test_flags_parse_to_config_types():
+    cfg = parse_args(["--model", "m", "--data", "d", "--limit", "3", "--lr", "1e-3", "--no-packing",
+                      "--quantize", "nf4", "--lora-targets", "all-linear"])
+    assert cfg.limit == 3 and cfg.lr == 1e-3 and cfg.packing is False and cfg.quantize == "nf4"
+    assert cfg.teacher is None and cfg.max_steps == 0 and cfg.lora_targets == "all-linear"
