@@ -226,7 +226,7 @@ def evaluate(model, tok, prompts: list[PromptRecord], *, answer_field: str | Non
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from .generate import default_device
+    from .generate import default_device, load_for_inference
 
     p = argparse.ArgumentParser(prog="python -m minidistill.eval",
                                 description="Score a model's answers (text after </think>) against reference answers, "
@@ -246,16 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default=default_device(), help="default: %(default)s")
     args = p.parse_args(argv)
 
-    from .checkpoint import load_model
-    from .tokenizer import load_tokenizer
-
-    dtype = args.dtype if args.dtype != "auto" else ("bf16" if args.device.startswith("cuda") else "fp32")
-    model = load_model(args.model, dtype=dtype, device=args.device).eval()
-    if args.adapter:
-        from .lora import load_adapter
-
-        load_adapter(model, args.adapter)
-    tok = load_tokenizer(args.model)
+    model, tok = load_for_inference(args.model, args.adapter, args.dtype, args.device)
     prompts, bad = read_prompts(args.data, args.format, args.system, args.limit)
     for line in bad[:5]:
         print(f"skipping {line}", file=sys.stderr)

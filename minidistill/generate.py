@@ -196,6 +196,21 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def load_for_inference(model_name: str, adapter: str | None, dtype: str, device: str):
+    """(model in eval mode with the adapter applied, tokenizer) for the generation and eval CLIs;
+    dtype "auto" is bf16 on GPU, fp32 on CPU."""
+    from .checkpoint import load_model
+    from .lora import load_adapter
+    from .tokenizer import load_tokenizer
+
+    if dtype == "auto":
+        dtype = "bf16" if device.startswith("cuda") else "fp32"
+    model = load_model(model_name, dtype=dtype, device=device)
+    if adapter:
+        load_adapter(model, adapter)
+    return model.eval(), load_tokenizer(model_name)  # eval after the swap: LoRA dropout stays off
+
+
 def _done_ids(output: Path) -> set[str]:
     """Prompt ids already handled: those with a record in the output, and those in the sidecar
     progress file (a prompt whose samples all failed --verify leaves no record)."""
@@ -310,16 +325,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.num_samples > 1 and args.temperature <= 0:
         print(f"note: {args.num_samples} greedy samples per prompt are identical; set --temperature", file=sys.stderr)
 
-    from .checkpoint import load_model
-    from .tokenizer import load_tokenizer
-
-    dtype = args.dtype if args.dtype != "auto" else ("bf16" if args.device.startswith("cuda") else "fp32")
-    model = load_model(args.model, dtype=dtype, device=args.device).eval()
-    if args.adapter:
-        from .lora import load_adapter
-
-        load_adapter(model, args.adapter)
-    tok = load_tokenizer(args.model)
+    model, tok = load_for_inference(args.model, args.adapter, args.dtype, args.device)
 
     if args.prompts:
         from .eval import read_prompts
