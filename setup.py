@@ -21,7 +21,7 @@ setup(
     ],
     extras_require={
         # Reference oracles for the tests only; the library never imports them.
-        "test": ["pytest>=7", "transformers>=4.45", "peft>=0.13", "bitsandbytes>=0.45", "jinja2"],
+        "test": ["pytest>=7", "transformers>=4.45", "peft>=0.13", "bitsandbytes>=0.45", "jinja2", "pyarrow"],
         "parquet": ["pyarrow"],
     },
 )
