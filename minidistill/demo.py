@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 DEMO_DATA = Path(__file__).resolve().parent.parent / "examples" / "data" / "arithmetic.jsonl"
-DEMO_VERSION = 2  # bump when the demo model's recipe changes, so cached copies are not reused
+DEMO_VERSION = 3  # bump when the demo model's recipe changes, so cached copies are not reused
 
 
 def demo_cache() -> Path:
@@ -49,8 +49,9 @@ def make_problem(rng: random.Random) -> dict:
         a = max(a, b + 1)
         q = f"{name} has {a} {thing} and gives away {b}. How many {thing} are left?"
         steps, ans = f"{name} starts with {a} {thing}. {name} gives away {b}, so {a} - {b} = {a - b}.", a - b
+    unit = thing if ans != 1 else thing[:-1]  # "1 card", "2 cards"
     return {"messages": [{"role": "user", "content": q}], "reasoning": steps,
-            "answer": f"{name} has {ans} {thing}. The answer is {ans}."}
+            "answer": f"{name} has {ans} {unit}. The answer is {ans}."}
 
 
 def make_records(n: int, seed: int = 0) -> list[dict]:

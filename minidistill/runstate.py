@@ -212,13 +212,15 @@ def answer_prompts(model, tok, prompts: list[str], max_new_tokens: int, amp) -> 
     return answers
 
 
-def write_samples(path: Path, prompts: list[str], before: list[str], after: list[str]) -> None:
-    def show(text: str) -> str:  # an untrained model often emits only newlines or spaces
-        return text if text.strip() else f"(whitespace only: {text!r})"
+def shown(text: str) -> str:
+    """An answer for display: an untrained model often emits only newlines or spaces."""
+    return text if text.strip() else f"(whitespace only: {text[:20]!r}{'…' if len(text) > 20 else ''})"
 
+
+def write_samples(path: Path, prompts: list[str], before: list[str], after: list[str]) -> None:
     parts = ["# Sample answers, before and after training\n"]
     for i, (p, b, a) in enumerate(zip(prompts, before, after), 1):
-        parts.append(f"## {i}. {p}\n\n**Before**\n\n```\n{show(b)}\n```\n\n**After**\n\n```\n{show(a)}\n```\n")
+        parts.append(f"## {i}. {p}\n\n**Before**\n\n```\n{shown(b)}\n```\n\n**After**\n\n```\n{shown(a)}\n```\n")
     path.write_text("\n".join(parts), encoding="utf-8")
 
 

@@ -412,6 +412,9 @@ def train(cfg: TrainConfig) -> dict:
         before_file = out / "samples_before.json"
         before = json.loads(before_file.read_text()) if before_file.exists() else ["(not recorded)"] * len(after)
         runstate.write_samples(out / "samples.md", prompts, before, after)
+        if prompts:
+            print(f"\nsample: {prompts[0]}\n--- before training:\n{runstate.shown(before[0])}\n"
+                  f"--- after training:\n{runstate.shown(after[0])}")
         if cfg.merge:
             merge_lora(model)
             save_model(model, out / "merged", tokenizer=tok)
@@ -426,10 +429,10 @@ def demo_config() -> TrainConfig:
     """The offline demo: a tiny random model and the bundled arithmetic reasoning data."""
     from .demo import demo_cache, demo_data_path, demo_model_dir
 
-    return TrainConfig(model=str(demo_model_dir()), data=str(demo_data_path(demo_cache())), output="runs/demo", max_steps=120,
+    return TrainConfig(model=str(demo_model_dir()), data=str(demo_data_path(demo_cache())), output="runs/demo", max_steps=500,
                        batch_size=8, grad_accum=1, max_seq_len=128, lr=3e-3, min_lr=3e-4, warmup_steps=10,
                        lora_r=32, lora_alpha=32, lora_targets="all-linear", grad_checkpointing=False,
-                       eval_split=0.02, eval_every=40, save_every=60, sample_max_tokens=60, device="cpu")
+                       eval_split=0.02, eval_every=100, save_every=250, sample_max_tokens=60, device="cpu")
 
 
 def main(argv: list[str] | None = None) -> None:

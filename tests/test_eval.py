@@ -86,7 +86,7 @@ def test_eval_cli_on_demo_data(tmp_path, capsys):
                     "--batch-size", "4", "--output", str(out), "--device", "cpu"])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert summary["n"] == len(rows) == 6 and summary["skipped"] == 0
-    assert rows[0]["reference"] == "Gus has 1 cards. The answer is 1."
+    assert rows[0]["reference"] == "Gus has 1 card. The answer is 1."
     assert summary["accuracy"] == sum(r["correct"] for r in rows) / 6
     assert all(r["correct"] == score_answer(r["prediction"], r["reference"]) for r in rows)
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == summary
