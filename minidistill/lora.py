@@ -75,7 +75,9 @@ class LoRALinear(nn.Module):
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        self._init_adapter(r, scaling, dropout, base.weight.device, base.weight.dtype)
+        # LoRA weights stay fp32 whatever the base dtype: bf16 would round away small updates
+        # (and AdamW's state follows the parameter dtype).
+        self._init_adapter(r, scaling, dropout, base.weight.device, torch.float32)
 
     def _init_adapter(self, r: int, scaling: float, dropout: float, device: torch.device, dtype: torch.dtype) -> None:
         kw = dict(device=device, dtype=dtype)

@@ -299,3 +299,16 @@ def test_new_tokens_round_trip_and_peft(tmp_path, name, family):
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     with torch.no_grad():
         assert rel_err(hf(x).logits, want) <= 1e-4
+
+
+def test_lora_weights_are_fp32_in_a_bf16_model(tmp_path):
+    write_checkpoint(tmp_path, "llama3")
+    model = md.load_model(tmp_path, dtype=torch.bfloat16)
+    md.apply_lora(model, md.LoraConfig(r=4, alpha=8), verbose=False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.lora_B.weight.normal_()
+    out = model(torch.tensor([[1, 2, 3]]))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
