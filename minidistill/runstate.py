@@ -13,7 +13,9 @@ import os
 import random
 import re
 import shutil
+import signal
 import sys
+import threading
 from dataclasses import asdict
 from pathlib import Path
 
@@ -42,6 +44,30 @@ def init_distributed() -> tuple[int, int]:
 def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+class CtrlC:
+    """Turns the first Ctrl-C into a request that the loop honours at the next step boundary
+    (save, then exit); a second Ctrl-C stops at once. Only the main thread can take signals."""
+
+    def __init__(self):
+        self.requested, self._old = False, None
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to stop at once)",
+              file=sys.stderr)
+
+    def __enter__(self) -> "CtrlC":
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
 
 
 # ---- checkpoints -------------------------------------------------------------------------

@@ -325,9 +325,16 @@ def train(cfg: TrainConfig) -> dict:
         f"{cfg.batch_size} rows x {world} process(es), on {device} in {str(dtype).removeprefix('torch.')}")
     bar = runstate.progress(total, step, enabled=main)
     model.train()
-    bad_in_row, last_eval, row = 0, None, None
-    try:
+    bad_in_row, last_eval, row, interrupted = 0, None, None, False
+    with runstate.CtrlC() as ctrl_c:
         while step < total:
+            if interrupted:  # at a step boundary: weights, optimizer, data position and RNG agree
+                bar.close()
+                if main:
+                    path = runstate.save_checkpoint(out, step, model, opt, stream, scaler, counters, cfg.keep_last)
+                    print(f"\ninterrupted: saved {path}; continue with the same command plus --resume")
+                runstate.shutdown_distributed()
+                raise SystemExit(130)
             lr = lr_at(step, total, cfg)
             for g in opt.param_groups:
                 g["lr"] = lr
@@ -338,7 +345,7 @@ def train(cfg: TrainConfig) -> dict:
             if world > 1:
                 dist.all_reduce(counts)
             num_items = float(counts[0])
-            sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, CE, KD sums
+            sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, CE, KD sums; Ctrl-C flag
             for i, b in enumerate(micro):
                 sync = world == 1 or i == len(micro) - 1
                 with nullcontext() if sync else ddp.no_sync():
@@ -353,9 +360,11 @@ def train(cfg: TrainConfig) -> dict:
             if scaler:
                 scaler.unscale_(opt)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+            sums[3] = float(ctrl_c.requested)
             if world > 1:
-                dist.all_reduce(sums)
-            step_loss, ce_loss, kd_loss = (float(x) / max(num_items, 1) for x in sums)
+                dist.all_reduce(sums)  # every rank learns of a Ctrl-C on any rank and stops at the same step
+            interrupted = bool(sums[3] > 0)
+            step_loss, ce_loss, kd_loss = (float(x) / max(num_items, 1) for x in sums[:3])
             if not (math.isfinite(step_loss) and math.isfinite(float(grad_norm))):
                 opt.zero_grad(set_to_none=True)
                 if scaler:
@@ -393,13 +402,6 @@ def train(cfg: TrainConfig) -> dict:
                 bar.write(f"step {step}: eval_loss {last_eval:.4f}")
             if main and (step == total or (cfg.save_every and step % cfg.save_every == 0)):
                 runstate.save_checkpoint(out, step, model, opt, stream, scaler, counters, cfg.keep_last)
-    except KeyboardInterrupt:
-        bar.close()
-        if main:
-            path = runstate.save_checkpoint(out, step, model, opt, stream, scaler, counters, cfg.keep_last)
-            print(f"\ninterrupted: saved {path}; continue with the same command plus --resume")
-        runstate.shutdown_distributed()
-        raise SystemExit(130)
     bar.close()
 
     summary = {"steps": step, "skipped_steps": counters["skipped_steps"], "time_s": round(time.time() - t0, 1),

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from minidistill.demo import build_demo_model, write_demo_data
+from minidistill.runstate import latest_checkpoint as runstate_latest
 from minidistill.train import TrainConfig, lr_at, main, parse_args, train
 
 
@@ -92,6 +93,32 @@ def test_resume_after_sigkill_is_bit_identical(setup):
     assert all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(l)["step"] for l in (killed / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 9))  # rows past the checkpoint were logged once, not twice
+
+
+def test_ctrl_c_saves_at_a_step_boundary_and_resumes_identically(setup):
+    root, model, data = setup
+    straight, stopped = root / "straight-30", root / "ctrl-c"
+    args = common(model, data, straight, steps=30) + ["--save-every", "0"]
+    subprocess.run([sys.executable, "-m", "minidistill.train", *args], check=True, env=env(root),
+                   capture_output=True, timeout=300)
+    args_c = common(model, data, stopped, steps=30) + ["--save-every", "0"]
+    proc = subprocess.Popen([sys.executable, "-m", "minidistill.train", *args_c], env=env(root),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = stopped / "metrics.jsonl"
+    deadline = time.time() + 240
+    while (not metrics.exists() or len(metrics.read_text().splitlines()) < 3) and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted: saved" in out and "--resume" in out
+    saved = runstate_latest(stopped)
+    assert saved is not None and 3 <= int(saved.name.split("_")[1]) < 30
+    subprocess.run([sys.executable, "-m", "minidistill.train", *args_c, "--resume"], check=True, env=env(root),
+                   capture_output=True, timeout=300)
+    a = load_file(straight / "adapter" / "adapter_model.safetensors")
+    b = load_file(stopped / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_ddp_two_processes_match_one(setup):
