@@ -354,4 +354,6 @@ def main(argv: list[str] | None = None) -> None:
     sys.stdout.write("\n")
 
 if __name__ == "__main__":
-    main()
+    from .cli import run
+
+    run(main)

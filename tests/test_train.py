@@ -209,3 +209,24 @@ def test_flags_parse_to_config_types():
                       "--quantize", "nf4", "--lora-targets", "all-linear"])
     assert cfg.limit == 3 and cfg.lr == 1e-3 and cfg.packing is False and cfg.quantize == "nf4"
     assert cfg.teacher is None and cfg.max_steps == 0 and cfg.lora_targets == "all-linear"
+
+
+def test_bad_input_is_one_line_not_a_traceback(setup, tmp_path):
+    root, model, data = setup
+    r = subprocess.run([sys.executable, "-m", "minidistill.train", "--model", str(tmp_path / "nope"), "--data",
+                        str(data)], env=env(root), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == f"error: model folder '{tmp_path / 'nope'}' does not exist"
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(setup, tmp_path):
+    root, model, data = setup
+    args = common(model, data, tmp_path / "nan", steps=30) + ["--lr", "1e30", "--warmup-steps", "0",
+                                                              "--max-grad-norm", "0", "--save-every", "1"]
+    r = subprocess.run([sys.executable, "-m", "minidistill.train", *args], env=env(root), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode != 0
+    assert "non-finite loss or gradient, step skipped (1 so far)" in r.stdout
+    assert "5 steps in a row had a non-finite loss or gradient; stopping. Last good checkpoint:" in r.stderr
+    last = runstate_latest(tmp_path / "nan")
+    assert last is not None and str(last) in r.stderr  # it names the checkpoint to go back to
