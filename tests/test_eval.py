@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from minidistill.demo import DEMO_DATA, build_demo_model
 from minidistill.eval import main, read_prompts, reference_answer, score_answer, think_stats
