@@ -310,6 +310,13 @@ def train(cfg: TrainConfig) -> dict:
     if resume_dir is not None:
         step, counters = runstate.load_checkpoint(resume_dir, model, opt, stream, scaler)
         log(f"resumed from {resume_dir} at step {step}")
+        saved = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
+        changed = {k: (saved[k], v) for k, v in asdict(cfg).items() if k in saved and k != "resume" and saved[k] != v}
+        if changed:  # allowed (e.g. more --max-steps), but the run is no longer the one interrupted
+            log("note: flags differ from the interrupted run: " +
+                ", ".join(f"--{k.replace('_', '-')} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+            if main:
+                (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     elif main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))

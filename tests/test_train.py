@@ -85,14 +85,20 @@ def test_resume_after_sigkill_is_bit_identical(setup):
     refused = subprocess.run([sys.executable, "-m", "minidistill.train", *args_k], env=env(root),
                              capture_output=True, text=True, timeout=300)
     assert refused.returncode != 0 and "--resume" in refused.stderr
-    subprocess.run([sys.executable, "-m", "minidistill.train", *args_k, "--resume"], check=True, env=env(root),
-                   capture_output=True, timeout=300)
+    resumed = subprocess.run([sys.executable, "-m", "minidistill.train", *args_k, "--resume"], check=True,
+                             env=env(root), capture_output=True, text=True, timeout=300)
+    assert "note: flags differ" not in resumed.stdout
     a = load_file(straight / "adapter" / "adapter_model.safetensors")
     b = load_file(killed / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and len(a) > 0
     assert all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(l)["step"] for l in (killed / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 9))  # rows past the checkpoint were logged once, not twice
+    # Extending a finished run: allowed, and the changed flag is named.
+    longer = subprocess.run([sys.executable, "-m", "minidistill.train", *args_k, "--resume", "--max-steps", "10"],
+                            check=True, env=env(root), capture_output=True, text=True, timeout=300)
+    assert "note: flags differ from the interrupted run: --max-steps 8 -> 10" in longer.stdout
+    assert [json.loads(l)["step"] for l in (killed / "metrics.jsonl").read_text().splitlines()] == list(range(1, 11))
 
 
 def test_ctrl_c_saves_at_a_step_boundary_and_resumes_identically(setup):
