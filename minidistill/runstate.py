@@ -16,6 +16,7 @@ import shutil
 import signal
 import sys
 import threading
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -117,21 +118,50 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(out: Path, step: int, model, opt, stream, scaler, counters: dict, keep_last: int) -> Path:
-    """Write checkpoints/step_NNNNNN atomically and prune to the newest keep_last."""
+@contextmanager
+def full_params(model, fsdp: bool):
+    """Inside, every parameter is whole on every rank (FSDP blocks all-gathered; a collective,
+    so all ranks enter). Without FSDP it does nothing."""
+    blocks = list(model.model.layers) if fsdp else []
+    for b in blocks:
+        b.unshard()
+    try:
+        yield
+    finally:
+        for b in blocks:
+            b.reshard()
+
+
+def _full_optimizer_state(model, opt):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_checkpoint(out: Path, step: int, model, opt, stream, scaler, counters: dict, keep_last: int, *,
+                    main: bool = True, fsdp: bool = False) -> Path:
+    """Write checkpoints/step_NNNNNN atomically and prune to the newest keep_last. With FSDP all
+    ranks call it (gathering is collective) and the main rank writes."""
     from .lora import save_adapter
 
     root = Path(out) / "checkpoints"
     final = root / f"step_{step:06d}"
     tmp = root / f".{final.name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_adapter(model, tmp / "adapter")
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    torch.save(opt.state_dict(), tmp / "optimizer.pt")
+    if main:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    with full_params(model, fsdp):
+        if main:
+            save_adapter(model, tmp / "adapter")
+            save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+    # FSDP: the full state keyed by parameter name, so any number of ranks can load it back.
+    opt_state = _full_optimizer_state(model, opt) if fsdp else opt.state_dict()
+    if not main:
+        return final
+    torch.save(opt_state, tmp / "optimizer.pt")
     state = {"step": step, "epoch": stream.epoch, "index": stream.index, "counters": counters,
-             "rng": _rng_state(), "scaler": scaler.state_dict() if scaler else None}
+             "rng": _rng_state(), "scaler": scaler.state_dict() if scaler else None, "fsdp": fsdp}
     torch.save(state, tmp / "state.pt")  # written last: its presence marks a complete checkpoint
     if final.exists():
         shutil.rmtree(final)
@@ -141,8 +171,8 @@ def save_checkpoint(out: Path, step: int, model, opt, stream, scaler, counters: 
     return final
 
 
-def load_checkpoint(path: Path, model, opt, stream, scaler) -> tuple[int, dict]:
-    """Restore trainable weights, optimizer, data position and RNG; return (step, counters)."""
+def load_trainable(path: Path, model) -> None:
+    """Restore the trainable weights (before the model is sharded or wrapped)."""
     tensors = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())
     wanted = {n for n, p in params.items() if p.requires_grad}
@@ -152,8 +182,21 @@ def load_checkpoint(path: Path, model, opt, stream, scaler) -> tuple[int, dict]:
     with torch.no_grad():
         for n, t in tensors.items():
             params[n].copy_(t)
-    opt.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+
+
+def load_training_state(path: Path, model, opt, stream, scaler, fsdp: bool = False) -> tuple[int, dict]:
+    """Restore optimizer, data position, scaler and RNG; return (step, counters)."""
     state = torch.load(path / "state.pt", weights_only=True)
+    if bool(state.get("fsdp")) != fsdp:
+        raise SystemExit(f"{path} was written {'with' if state.get('fsdp') else 'without'} --fsdp; resume the "
+                         "same way")
+    opt_state = torch.load(path / "optimizer.pt", weights_only=True)
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, opt, opt_state, options=StateDictOptions(full_state_dict=True))
+    else:
+        opt.load_state_dict(opt_state)
     stream.epoch, stream.index, stream._list = state["epoch"], state["index"], None
     if scaler and state["scaler"]:
         scaler.load_state_dict(state["scaler"])

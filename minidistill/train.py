@@ -59,6 +59,7 @@ class TrainConfig:
     dtype: str = _f("auto", "compute dtype; auto = bf16 (fp16 if unsupported) on GPU, fp32 on CPU", choices=["auto", "bf16", "fp16", "fp32"])
     device: str = _f("auto", "cuda, cuda:N, cpu; auto = cuda when available")
     grad_checkpointing: bool = _f(True, "recompute each block in backward to save memory")
+    fsdp: bool = _f(False, "under torchrun: shard the blocks across processes (FSDP2) instead of replicating (DDP)")
     system_prompt: str | None = _f(None, "system message added to samples that have none")
     think_weight: float = _f(1.0, "loss weight of tokens in <think>...</think>")
     answer_weight: float = _f(1.0, "loss weight of the answer tokens")
@@ -131,6 +132,8 @@ def check_config(cfg: TrainConfig) -> list[str]:
         out.append("--teacher-cache holds the teacher's top-k only, which supports --kd-loss forward")
     if cfg.teacher_cache and cfg.eval_split:
         out.append("--teacher-cache was made from the whole --data: hold out with --eval-data, not --eval-split")
+    if cfg.fsdp and (cfg.quantize or cfg.merge):
+        out.append("--fsdp works with 16-bit LoRA: drop --quantize/--merge (merge afterwards with md.merge_lora)")
     if cfg.min_lr > cfg.lr:
         out.append(f"--min-lr {cfg.min_lr} is above --lr {cfg.lr}")
     return out
@@ -246,13 +249,37 @@ def make_kd(cfg: TrainConfig, tok, data, device, dtype, log):
 
 
 @torch.no_grad()
-def evaluate(model, batches: list, device, amp) -> float:
-    """Cross-entropy of the eval batches, per trained token."""
+def evaluate(model, batches: list, device, amp, world: int) -> float:
+    """Cross-entropy of the eval batches, per trained token, over every process's share."""
     model.eval()
-    total = sum(b.num_tokens for b in batches)
-    loss = sum(float(forward_loss(model, b, device, total, amp)[0]) for b in batches)
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # CE sum, trained tokens
+    for b in batches:
+        sums[0] += forward_loss(model, b, device, 1, amp)[1]
+        sums[1] += b.num_tokens
+    if world > 1:
+        dist.all_reduce(sums)
     model.train()
-    return loss
+    return float(sums[0] / sums[1].clamp(min=1))
+
+
+def shard_blocks(model, dtype: torch.dtype, device: torch.device) -> None:
+    """FSDP2: each block's parameters sharded across the processes. Embeddings, final norm and
+    head stay whole on every rank: they are frozen, and the chunked loss reads the head outside
+    the model's forward. Mixed precision keeps fp32 LoRA weights and reduces gradients in fp32."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32 else None
+    for block in model.model.layers:
+        fully_shard(block, mesh=mesh, **({"mp_policy": mp} if mp else {}))
+
+
+def grad_sync(model, on: bool, fsdp: bool) -> None:
+    """FSDP: reduce-scatter gradients only on the last micro-batch of a step."""
+    if fsdp:
+        for block in model.model.layers:
+            block.set_requires_gradient_sync(on)
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -294,8 +321,8 @@ def train(cfg: TrainConfig) -> dict:
                                  targets=tuple(t.strip() for t in cfg.lora_targets.split(",")),
                                  use_rslora=cfg.use_rslora), verbose=main)
     model.gradient_checkpointing = cfg.grad_checkpointing
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    if cfg.fsdp and (world == 1 or use_scaler):
+        raise SystemExit("--fsdp needs torchrun with several processes, and bf16 or fp32 (not fp16)")
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
     amp = (torch.autocast(device.type, dtype=dtype) if device.type == "cuda" and dtype != torch.float32 else nullcontext())
     stream = Batches(data, cfg, rank, world, pad_id)
@@ -308,7 +335,19 @@ def train(cfg: TrainConfig) -> dict:
     prompts = runstate.sample_prompts(cfg.sample_prompts, eval_data or data)
     step, counters = 0, {"skipped_steps": 0, "best_eval_loss": None}
     if resume_dir is not None:
-        step, counters = runstate.load_checkpoint(resume_dir, model, opt, stream, scaler)
+        runstate.load_trainable(resume_dir, model)
+    elif main:  # answers of the untouched model, before any sharding
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        before = runstate.answer_prompts(model, tok, prompts, cfg.sample_max_tokens, amp)
+        (out / "samples_before.json").write_text(json.dumps(before))
+    if cfg.fsdp:
+        shard_blocks(model, dtype, device)  # replaces the block parameters: the optimizer comes after
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            fused=device.type == "cuda" and not cfg.fsdp)
+    if resume_dir is not None:
+        step, counters = runstate.load_training_state(resume_dir, model, opt, stream, scaler, cfg.fsdp)
         log(f"resumed from {resume_dir} at step {step}")
         saved = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
         changed = {k: (saved[k], v) for k, v in asdict(cfg).items() if k in saved and k != "resume" and saved[k] != v}
@@ -317,14 +356,9 @@ def train(cfg: TrainConfig) -> dict:
                 ", ".join(f"--{k.replace('_', '-')} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
             if main:
                 (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    elif main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-        before = runstate.answer_prompts(model, tok, prompts, cfg.sample_max_tokens, amp)
-        (out / "samples_before.json").write_text(json.dumps(before))
     kd = make_kd(cfg, tok, data, device, dtype, log)
     ddp = model
-    if world > 1:
+    if world > 1 and not cfg.fsdp:
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     metrics = runstate.MetricsLog(out, cfg.log, cfg, enabled=main, resume_step=step)
 
@@ -337,8 +371,9 @@ def train(cfg: TrainConfig) -> dict:
         while step < total:
             if interrupted:  # at a step boundary: weights, optimizer, data position and RNG agree
                 bar.close()
+                path = runstate.save_checkpoint(out, step, model, opt, stream, scaler, counters, cfg.keep_last,
+                                                main=main, fsdp=cfg.fsdp)
                 if main:
-                    path = runstate.save_checkpoint(out, step, model, opt, stream, scaler, counters, cfg.keep_last)
                     print(f"\ninterrupted: saved {path}; continue with the same command plus --resume")
                 runstate.shutdown_distributed()
                 raise SystemExit(130)
@@ -355,7 +390,8 @@ def train(cfg: TrainConfig) -> dict:
             sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, CE, KD sums; Ctrl-C flag
             for i, b in enumerate(micro):
                 sync = world == 1 or i == len(micro) - 1
-                with nullcontext() if sync else ddp.no_sync():
+                grad_sync(model, sync, cfg.fsdp)
+                with nullcontext() if sync or cfg.fsdp else ddp.no_sync():
                     loss, ce_sum, kd_sum = forward_loss(ddp, b, device, num_items, amp, kd, cfg.kd_weight)
                     # DDP averages gradients over ranks; the loss is already normalised by the
                     # global token count, so undo the average.
@@ -367,6 +403,8 @@ def train(cfg: TrainConfig) -> dict:
             if scaler:
                 scaler.unscale_(opt)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+            if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor over the shards
+                grad_norm = grad_norm.full_tensor()
             sums[3] = float(ctrl_c.requested)
             if world > 1:
                 dist.all_reduce(sums)  # every rank learns of a Ctrl-C on any rank and stops at the same step
@@ -402,22 +440,25 @@ def train(cfg: TrainConfig) -> dict:
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
             if eval_batches and (step == total or (cfg.eval_every and step % cfg.eval_every == 0)):
-                last_eval = evaluate(ddp, eval_batches, device, amp)
+                last_eval = evaluate(ddp, eval_batches, device, amp, world)
                 if counters["best_eval_loss"] is None or last_eval < counters["best_eval_loss"]:
                     counters["best_eval_loss"] = last_eval
                 metrics.write({"step": step, "eval_loss": last_eval, "elapsed_s": time.time() - t0})
                 bar.write(f"step {step}: eval_loss {last_eval:.4f}")
-            if main and (step == total or (cfg.save_every and step % cfg.save_every == 0)):
-                runstate.save_checkpoint(out, step, model, opt, stream, scaler, counters, cfg.keep_last)
+            if (main or cfg.fsdp) and (step == total or (cfg.save_every and step % cfg.save_every == 0)):
+                runstate.save_checkpoint(out, step, model, opt, stream, scaler, counters, cfg.keep_last,
+                                         main=main, fsdp=cfg.fsdp)
     bar.close()
 
     summary = {"steps": step, "skipped_steps": counters["skipped_steps"], "time_s": round(time.time() - t0, 1),
                "final_loss": row["loss"] if row else None,
                "final_eval_loss": last_eval, "best_eval_loss": counters["best_eval_loss"]}
-    if main:
-        save_adapter(model, out / "adapter")
-        model.eval()
+    with runstate.full_params(model, cfg.fsdp):
+        if main:
+            save_adapter(model, out / "adapter")
+    if main or cfg.fsdp:  # a sharded forward is collective: with FSDP every rank answers (greedy, alike)
         after = runstate.answer_prompts(model, tok, prompts, cfg.sample_max_tokens, amp)
+    if main:
         before_file = out / "samples_before.json"
         before = json.loads(before_file.read_text()) if before_file.exists() else ["(not recorded)"] * len(after)
         runstate.write_samples(out / "samples.md", prompts, before, after)
