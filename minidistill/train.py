@@ -263,23 +263,30 @@ def evaluate(model, batches: list, device, amp, world: int) -> float:
 
 
 def shard_blocks(model, dtype: torch.dtype, device: torch.device) -> None:
-    """FSDP2: each block's parameters sharded across the processes. Embeddings, final norm and
-    head stay whole on every rank: they are frozen, and the chunked loss reads the head outside
-    the model's forward. Mixed precision keeps fp32 LoRA weights and reduces gradients in fp32."""
+    """FSDP2: each block's parameters sharded across the processes (fully_shard moves a block
+    to `device` as it shards it). Embeddings, final norm and head stay whole on every rank:
+    they are frozen, and the chunked loss reads the head outside the model's forward. Mixed
+    precision keeps fp32 LoRA weights and reduces gradients in fp32."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    for part in (model.model.embed_tokens, model.model.norm, model.lm_head):
+        part.to(device)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32 else None
+    kw = {"mesh": mesh, **({"mp_policy": mp} if mp else {})}
     for block in model.model.layers:
-        fully_shard(block, mesh=mesh, **({"mp_policy": mp} if mp else {}))
+        fully_shard(block, **kw)
+    # A root over the blocks (owning none of the whole parts) makes the blocks non-roots, which
+    # reshard after every forward; a block left as its own root would stay gathered.
+    whole = {p for part in (model.model.embed_tokens, model.model.norm, model.lm_head) for p in part.parameters()}
+    fully_shard(model, ignored_params=whole, **kw)
 
 
 def grad_sync(model, on: bool, fsdp: bool) -> None:
     """FSDP: reduce-scatter gradients only on the last micro-batch of a step."""
     if fsdp:
-        for block in model.model.layers:
-            block.set_requires_gradient_sync(on)
+        model.set_requires_gradient_sync(on)  # recurses into the blocks
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -315,7 +322,8 @@ def train(cfg: TrainConfig) -> dict:
                                                              shuffle=False, rank=rank, world_size=world, pad_id=pad_id)
 
     # Model: frozen base (bf16 or NF4), LoRA weights in fp32.
-    model = load_model(cfg.model, dtype=dtype, device=device, quantize=cfg.quantize)
+    # FSDP: read on the CPU; sharding moves each block to the GPU in turn (a model too big for one).
+    model = load_model(cfg.model, dtype=dtype, device="cpu" if cfg.fsdp else device, quantize=cfg.quantize)
     torch.manual_seed(cfg.seed)
     apply_lora(model, LoraConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                                  targets=tuple(t.strip() for t in cfg.lora_targets.split(",")),
@@ -336,13 +344,16 @@ def train(cfg: TrainConfig) -> dict:
     step, counters = 0, {"skipped_steps": 0, "best_eval_loss": None}
     if resume_dir is not None:
         runstate.load_trainable(resume_dir, model)
-    elif main:  # answers of the untouched model, before any sharding
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-        before = runstate.answer_prompts(model, tok, prompts, cfg.sample_max_tokens, amp)
-        (out / "samples_before.json").write_text(json.dumps(before))
     if cfg.fsdp:
         shard_blocks(model, dtype, device)  # replaces the block parameters: the optimizer comes after
+    if resume_dir is None:
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        if main or cfg.fsdp:  # a sharded forward is collective: with FSDP every rank answers (greedy, alike)
+            before = runstate.answer_prompts(model, tok, prompts, cfg.sample_max_tokens, amp)
+        if main:
+            (out / "samples_before.json").write_text(json.dumps(before))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                             fused=device.type == "cuda" and not cfg.fsdp)
