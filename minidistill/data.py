@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .cli import add_config_flags, flag_field
 from .records import FORMATS, BadRecord, data_fingerprint, detect_format, iter_records, resolve_files, to_messages
 
 IGNORE = -100
@@ -37,27 +38,23 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 _HISTORY_THINK = re.compile(r"<think>.*?</think>\s*", re.S)
 
 
-def _f(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
-
-
 @dataclass
 class DataConfig:
-    format: str = _f("auto", "data schema", choices=["auto", *FORMATS])
-    max_seq_len: int = _f(2048, "longest sample in tokens")
-    system_prompt: str | None = _f(None, "system prompt inserted when a record has none")
-    think_weight: float = _f(1.0, "loss weight of tokens inside <think>…</think> (tags included)")
-    answer_weight: float = _f(1.0, "loss weight of the answer tokens (after </think>, terminator included)")
-    last_turn_only: bool = _f(False, "train only the last assistant turn")
-    strip_history_reasoning: bool = _f(False, "drop <think>…</think> from earlier assistant turns")
-    on_truncation: str = _f("drop", "sample whose answer or </think> would be cut by max_seq_len",
+    format: str = flag_field("auto", "data schema", choices=["auto", *FORMATS])
+    max_seq_len: int = flag_field(2048, "longest sample in tokens")
+    system_prompt: str | None = flag_field(None, "system prompt inserted when a record has none")
+    think_weight: float = flag_field(1.0, "loss weight of tokens inside <think>…</think> (tags included)")
+    answer_weight: float = flag_field(1.0, "loss weight of the answer tokens (after </think>, terminator included)")
+    last_turn_only: bool = flag_field(False, "train only the last assistant turn")
+    strip_history_reasoning: bool = flag_field(False, "drop <think>…</think> from earlier assistant turns")
+    on_truncation: str = flag_field("drop", "sample whose answer or </think> would be cut by max_seq_len",
                             choices=["drop", "truncate", "error"])
-    on_bad_record: str = _f("skip", "malformed record", choices=["skip", "error"])
-    config: str | None = _f(None, "hub dataset config (org/name:config also works)")
-    split: str = _f("train", "dataset split")
-    limit: int | None = _f(None, "read at most this many records")
-    num_workers: int = _f(0, "tokenizer processes for large inputs; 0 = auto (1 below 4 cpus, else cpus-1, at most 8)")
-    cache_dir: str | None = _f(None, "tokenized-data cache (default $MINIDISTILL_CACHE/data or ~/.cache/minidistill/data)")
+    on_bad_record: str = flag_field("skip", "malformed record", choices=["skip", "error"])
+    config: str | None = flag_field(None, "hub dataset config (org/name:config also works)")
+    split: str = flag_field("train", "dataset split")
+    limit: int | None = flag_field(None, "read at most this many records")
+    num_workers: int = flag_field(0, "tokenizer processes for large inputs; 0 = auto (1 below 4 cpus, else cpus-1, at most 8)")
+    cache_dir: str | None = flag_field(None, "tokenized-data cache (default $MINIDISTILL_CACHE/data or ~/.cache/minidistill/data)")
 
     def __post_init__(self):
         for f in fields(self):
@@ -597,16 +594,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--show", type=int, default=3, help="samples to print with their trained tokens marked")
     p.add_argument("--seed", type=int, default=0, help="which samples --show picks (random, by this seed)")
     p.add_argument("--system", dest="system_prompt", default=None, help="system prompt for records without one")
-    for f in fields(DataConfig):
-        if f.name == "system_prompt":
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in (bool, "bool"):
-            p.add_argument(flag, action="store_true", help=f.metadata["help"])
-            continue
-        typ = {"int": int, "float": float, "int | None": int}.get(str(f.type), str)
-        p.add_argument(flag, type=typ, default=f.default, choices=f.metadata.get("choices"),
-                       help=f"{f.metadata['help']} (default: {f.default})")
+    add_config_flags(p, DataConfig, skip=("system_prompt",), help_suffix=" (default: %(default)s)")
     args = p.parse_args(argv)
     from .tokenizer import load_tokenizer
 

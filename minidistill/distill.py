@@ -192,7 +192,9 @@ class TeacherCache:
 # ---------------------------------------------------------------------------- CLI
 
 def main(argv: list[str] | None = None) -> None:
+    from .cli import add_config_flags
     from .data import DataConfig
+    from .generate import default_device, inference_dtype
 
     p = argparse.ArgumentParser(prog="python -m minidistill.distill", description="Offline distillation tools.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -212,16 +214,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="dtype of the stored log-probs (default: %(default)s)")
     c.add_argument("--temperature", type=float, default=1.0,
                    help="teacher temperature the log-probs are taken at; use the same in kd_from_topk")
-    c.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: %(default)s")
+    c.add_argument("--device", default=default_device(), help="default: %(default)s")
     # Every DataConfig field is a flag, so the data is prepared exactly as the training run prepares it.
-    for f in fields(DataConfig):
-        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
-        if f.type in (bool, "bool"):
-            c.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=meta["help"])
-            continue
-        typ = {"int": int, "float": float, "int | None": int}.get(str(f.type), str)
-        c.add_argument(flag, type=typ, default=f.default, choices=meta.get("choices"),
-                       help=meta["help"] + " (as in training; default: %(default)s)")
+    add_config_flags(c, DataConfig, help_suffix=" (as in training; default: %(default)s)")
     args = p.parse_args(argv)
 
     from .checkpoint import load_model
@@ -231,8 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     dcfg = DataConfig(**{f.name: getattr(args, f.name) for f in fields(DataConfig)})
     tok = load_tokenizer(args.tokenizer or args.teacher)
     data = prepare_data(args.data, tok, dcfg)
-    dtype = args.dtype if args.dtype != "auto" else ("bf16" if args.device.startswith("cuda") else "fp32")
-    teacher = load_model(args.teacher, dtype=dtype, device=args.device).eval()
+    teacher = load_model(args.teacher, dtype=inference_dtype(args.dtype, args.device), device=args.device).eval()
     if teacher.head_weight.shape[0] < len(tok):
         raise ValueError(f"teacher vocab {teacher.head_weight.shape[0]} < tokenizer size {len(tok)}: the teacher "
                          "cannot score every token of this data; use a teacher that shares the tokenizer")

@@ -196,6 +196,11 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def inference_dtype(dtype: str, device: str) -> str:
+    """A --dtype flag's value, with "auto" read as bf16 on GPU and fp32 on CPU."""
+    return dtype if dtype != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
+
+
 def load_for_inference(model_name: str, adapter: str | None, dtype: str, device: str):
     """(model in eval mode with the adapter applied, tokenizer) for the generation and eval CLIs;
     dtype "auto" is bf16 on GPU, fp32 on CPU."""
@@ -203,9 +208,7 @@ def load_for_inference(model_name: str, adapter: str | None, dtype: str, device:
     from .lora import load_adapter
     from .tokenizer import load_tokenizer
 
-    if dtype == "auto":
-        dtype = "bf16" if device.startswith("cuda") else "fp32"
-    model = load_model(model_name, dtype=dtype, device=device)
+    model = load_model(model_name, dtype=inference_dtype(dtype, device), device=device)
     if adapter:
         load_adapter(model, adapter)
     return model.eval(), load_tokenizer(model_name)  # eval after the swap: LoRA dropout stays off

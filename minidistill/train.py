@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -22,84 +22,74 @@ import torch.distributed as dist
 
 from . import runstate
 from .batches import make_batches
+from .cli import add_config_flags, flag_field
 from .data import DataConfig, prepare_data, split_eval
 from .loss import chunked_cross_entropy
 
 SEVEN = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
-def _f(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
-
-
 @dataclass
 class TrainConfig:
-    model: str | None = _f(None, "preset name, hub repo id or local folder (none: the offline demo)")
-    data: str | None = _f(None, "JSONL/JSON/Parquet file, folder, or hub dataset org/name[:config]")
-    format: str = _f("auto", "data schema", choices=["auto", "messages", "sharegpt", "dolphin-r1", "medical-o1", "magpie", "alpaca"])
-    output: str = _f("runs/minidistill", "output folder (adapter, metrics, checkpoints, samples)")
-    max_steps: int = _f(0, "optimizer steps; 0 = as many as --epochs take")
-    epochs: float = _f(1.0, "passes over the data when --max-steps is 0")
-    batch_size: int = _f(2, "rows per micro-batch (per process)")
-    grad_accum: int = _f(4, "micro-batches per optimizer step")
-    max_seq_len: int = _f(2048, "tokens per sample / packed row")
-    packing: bool = _f(True, "pack samples into full rows (document-masked attention)")
-    lr: float = _f(2e-4, "peak learning rate")
-    min_lr: float = _f(0.0, "learning rate at the end of the schedule")
-    warmup_steps: int = _f(5, "linear warm-up steps")
-    schedule: str = _f("cosine", "decay after warm-up", choices=["cosine", "linear", "constant"])
-    weight_decay: float = _f(0.0, "AdamW weight decay")
-    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 = off)")
-    lora_r: int = _f(16, "LoRA rank")
-    lora_alpha: float = _f(16.0, "LoRA alpha (scale = alpha / r)")
-    lora_dropout: float = _f(0.0, "dropout on the LoRA input")
-    lora_targets: str = _f(SEVEN, "comma-separated module names, or all-linear")
-    use_rslora: bool = _f(False, "rank-stabilised LoRA: scale = alpha / sqrt(r)")
-    quantize: str | None = _f(None, "4-bit base weights (QLoRA)", choices=[None, "nf4"])
-    dtype: str = _f("auto", "compute dtype; auto = bf16 (fp16 if unsupported) on GPU, fp32 on CPU", choices=["auto", "bf16", "fp16", "fp32"])
-    device: str = _f("auto", "cuda, cuda:N, cpu; auto = cuda when available")
-    grad_checkpointing: bool = _f(True, "recompute each block in backward to save memory")
-    fsdp: bool = _f(False, "under torchrun: shard the blocks across processes (FSDP2) instead of replicating (DDP)")
-    system_prompt: str | None = _f(None, "system message added to samples that have none")
-    think_weight: float = _f(1.0, "loss weight of tokens in <think>...</think>")
-    answer_weight: float = _f(1.0, "loss weight of the answer tokens")
-    last_turn_only: bool = _f(False, "train on the last assistant turn only")
-    strip_history_reasoning: bool = _f(False, "drop <think>...</think> from earlier assistant turns")
-    limit: int | None = _f(None, "read at most this many records of --data")
-    on_truncation: str = _f("drop", "sample whose answer or </think> is cut by --max-seq-len", choices=["drop", "truncate", "error"])
-    on_bad_record: str = _f("skip", "malformed records", choices=["skip", "error"])
-    eval_data: str | None = _f(None, "evaluation data (same forms as --data)")
-    eval_split: float = _f(0.0, "fraction of --data held out for evaluation (instead of --eval-data)")
-    eval_every: int = _f(0, "evaluate every N steps (0 = only at the end)")
-    save_every: int = _f(100, "write a resumable checkpoint every N steps (0 = only at the end)")
-    keep_last: int = _f(2, "checkpoints kept (older ones are deleted)")
-    resume: bool = _f(False, "continue from the newest complete checkpoint in --output")
-    seed: int = _f(0, "seed for data order, LoRA init and dropout")
-    sample_prompts: str | None = _f(None, "text file, one prompt per line, answered before and after training")
-    sample_max_tokens: int = _f(256, "new tokens per sample answer")
-    teacher: str | None = _f(None, "online logit distillation from this model (same tokenizer as --model)")
-    teacher_quantize: str | None = _f(None, "load the teacher in 4-bit", choices=[None, "nf4"])
-    teacher_cache: str | None = _f(None, "offline distillation from a top-k logit cache (python -m minidistill.distill cache-logits)")
-    kd_weight: float = _f(0.5, "loss = (1 - w) * CE + w * KD, with a teacher or teacher cache")
-    kd_temperature: float = _f(1.0, "softmax temperature of the KD term (loss scaled by T^2)")
-    kd_loss: str = _f("forward", "divergence: forward KL(teacher||student), reverse KL, or JSD", choices=["forward", "reverse", "jsd"])
-    merge: bool = _f(False, "also write merged/ (HF layout, LoRA folded in)")
-    log: str = _f("jsonl", "metrics sink besides metrics.jsonl", choices=["jsonl", "tensorboard", "wandb"])
-    log_every: int = _f(1, "steps between metric rows")
+    model: str | None = flag_field(None, "preset name, hub repo id or local folder (none: the offline demo)")
+    data: str | None = flag_field(None, "JSONL/JSON/Parquet file, folder, or hub dataset org/name[:config]")
+    format: str = flag_field("auto", "data schema", choices=["auto", "messages", "sharegpt", "dolphin-r1", "medical-o1", "magpie", "alpaca"])
+    output: str = flag_field("runs/minidistill", "output folder (adapter, metrics, checkpoints, samples)")
+    max_steps: int = flag_field(0, "optimizer steps; 0 = as many as --epochs take")
+    epochs: float = flag_field(1.0, "passes over the data when --max-steps is 0")
+    batch_size: int = flag_field(2, "rows per micro-batch (per process)")
+    grad_accum: int = flag_field(4, "micro-batches per optimizer step")
+    max_seq_len: int = flag_field(2048, "tokens per sample / packed row")
+    packing: bool = flag_field(True, "pack samples into full rows (document-masked attention)")
+    lr: float = flag_field(2e-4, "peak learning rate")
+    min_lr: float = flag_field(0.0, "learning rate at the end of the schedule")
+    warmup_steps: int = flag_field(5, "linear warm-up steps")
+    schedule: str = flag_field("cosine", "decay after warm-up", choices=["cosine", "linear", "constant"])
+    weight_decay: float = flag_field(0.0, "AdamW weight decay")
+    max_grad_norm: float = flag_field(1.0, "gradient clipping norm (0 = off)")
+    lora_r: int = flag_field(16, "LoRA rank")
+    lora_alpha: float = flag_field(16.0, "LoRA alpha (scale = alpha / r)")
+    lora_dropout: float = flag_field(0.0, "dropout on the LoRA input")
+    lora_targets: str = flag_field(SEVEN, "comma-separated module names, or all-linear")
+    use_rslora: bool = flag_field(False, "rank-stabilised LoRA: scale = alpha / sqrt(r)")
+    quantize: str | None = flag_field(None, "4-bit base weights (QLoRA)", choices=[None, "nf4"])
+    dtype: str = flag_field("auto", "compute dtype; auto = bf16 (fp16 if unsupported) on GPU, fp32 on CPU", choices=["auto", "bf16", "fp16", "fp32"])
+    device: str = flag_field("auto", "cuda, cuda:N, cpu; auto = cuda when available")
+    grad_checkpointing: bool = flag_field(True, "recompute each block in backward to save memory")
+    fsdp: bool = flag_field(False, "under torchrun: shard the blocks across processes (FSDP2) instead of replicating (DDP)")
+    system_prompt: str | None = flag_field(None, "system message added to samples that have none")
+    think_weight: float = flag_field(1.0, "loss weight of tokens in <think>...</think>")
+    answer_weight: float = flag_field(1.0, "loss weight of the answer tokens")
+    last_turn_only: bool = flag_field(False, "train on the last assistant turn only")
+    strip_history_reasoning: bool = flag_field(False, "drop <think>...</think> from earlier assistant turns")
+    limit: int | None = flag_field(None, "read at most this many records of --data")
+    on_truncation: str = flag_field("drop", "sample whose answer or </think> is cut by --max-seq-len", choices=["drop", "truncate", "error"])
+    on_bad_record: str = flag_field("skip", "malformed records", choices=["skip", "error"])
+    eval_data: str | None = flag_field(None, "evaluation data (same forms as --data)")
+    eval_split: float = flag_field(0.0, "fraction of --data held out for evaluation (instead of --eval-data)")
+    eval_every: int = flag_field(0, "evaluate every N steps (0 = only at the end)")
+    save_every: int = flag_field(100, "write a resumable checkpoint every N steps (0 = only at the end)")
+    keep_last: int = flag_field(2, "checkpoints kept (older ones are deleted)")
+    resume: bool = flag_field(False, "continue from the newest complete checkpoint in --output")
+    seed: int = flag_field(0, "seed for data order, LoRA init and dropout")
+    sample_prompts: str | None = flag_field(None, "text file, one prompt per line, answered before and after training")
+    sample_max_tokens: int = flag_field(256, "new tokens per sample answer")
+    teacher: str | None = flag_field(None, "online logit distillation from this model (same tokenizer as --model)")
+    teacher_quantize: str | None = flag_field(None, "load the teacher in 4-bit", choices=[None, "nf4"])
+    teacher_cache: str | None = flag_field(None, "offline distillation from a top-k logit cache (python -m minidistill.distill cache-logits)")
+    kd_weight: float = flag_field(0.5, "loss = (1 - w) * CE + w * KD, with a teacher or teacher cache")
+    kd_temperature: float = flag_field(1.0, "softmax temperature of the KD term (loss scaled by T^2)")
+    kd_loss: str = flag_field("forward", "divergence: forward KL(teacher||student), reverse KL, or JSD", choices=["forward", "reverse", "jsd"])
+    merge: bool = flag_field(False, "also write merged/ (HF layout, LoRA folded in)")
+    log: str = flag_field("jsonl", "metrics sink besides metrics.jsonl", choices=["jsonl", "tensorboard", "wandb"])
+    log_every: int = flag_field(1, "steps between metric rows")
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p = argparse.ArgumentParser(prog="python -m minidistill.train", allow_abbrev=False,
                                 description="LoRA/QLoRA fine-tuning on reasoning traces. No arguments: the offline demo.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in fields(TrainConfig):
-        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
-        if f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=meta["help"])
-            continue
-        typ = {"int": int, "float": float}.get(str(f.type).split("|")[0].strip(), str)  # "int | None" -> int
-        choices = [c for c in meta.get("choices", []) if c is not None] or None
-        p.add_argument(flag, type=typ, default=f.default, choices=choices, help=meta["help"])
+    add_config_flags(p, TrainConfig)
     args = p.parse_args(argv)
     cfg = TrainConfig(**vars(args))
     problems = check_config(cfg)
