@@ -13,7 +13,7 @@ warnings.filterwarnings("ignore", message=r".*'minidistill\.\w+' found in sys\.m
 
 from .config import PRESETS, ModelConfig  # noqa: E402
 from .model import KVCache, Transformer  # noqa: E402
-from .checkpoint import load_model  # noqa: E402
+from .loader import load_model  # noqa: E402
 from .tokenizer import Tokenizer, load_tokenizer  # noqa: E402
 from .data import DataConfig, SFTData, prepare_data, split_eval  # noqa: E402
 from .batches import Batch, make_batches  # noqa: E402

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .data import IGNORE, Sample, SFTData
+from .data import Sample, SFTData
+from .loss import IGNORE_INDEX
 
 
 @dataclass
@@ -124,7 +125,7 @@ def _collate(samples: list[Sample], rows: list[list[int]], seq_len: int | None, 
     T = max(1, max(sum(len(samples[i].ids) for i in row) for row in rows))
     B = len(rows)
     ids = np.full((B, T), pad_id, dtype=np.int64)
-    labels = np.full((B, T), IGNORE, dtype=np.int64)
+    labels = np.full((B, T), IGNORE_INDEX, dtype=np.int64)
     pos = np.tile(np.arange(T, dtype=np.int64), (B, 1))
     doc = np.zeros((B, T), dtype=np.int64)
     w = np.zeros((B, T), dtype=np.float32) if weighted else None
@@ -147,4 +148,4 @@ def _collate(samples: list[Sample], rows: list[list[int]], seq_len: int | None, 
         doc[b, t:] = len(row)
     lab = torch.from_numpy(labels)
     return Batch(torch.from_numpy(ids), lab, None if w is None else torch.from_numpy(w), torch.from_numpy(pos),
-                 torch.from_numpy(doc) if packed else None, int((lab != IGNORE).sum()), n_in, sample_rows)
+                 torch.from_numpy(doc) if packed else None, int((lab != IGNORE_INDEX).sum()), n_in, sample_rows)

@@ -32,7 +32,7 @@ import numpy as np
 from .cli import add_config_flags, flag_field
 from .records import FORMATS, BadRecord, data_fingerprint, detect_format, iter_records, resolve_files, to_messages
 
-IGNORE = -100
+from .loss import IGNORE_INDEX
 CACHE_VERSION = 1  # bump when the meaning of cached arrays changes
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 _HISTORY_THINK = re.compile(r"<think>.*?</think>\s*", re.S)
@@ -256,8 +256,8 @@ def _encode(messages: list[dict], ids, turns: list[_Turn], cfg: DataConfig):
         if cfg.on_truncation == "drop":
             return reason
         ids_a, trained, think, truncated = ids_a[:cut], trained[:cut], think[:cut], True
-    labels = np.full(len(ids_a), IGNORE, dtype=np.int32)
-    labels[:-1] = np.where(trained[1:], ids_a[1:], IGNORE)  # shifted within the sample
+    labels = np.full(len(ids_a), IGNORE_INDEX, dtype=np.int32)
+    labels[:-1] = np.where(trained[1:], ids_a[1:], IGNORE_INDEX)  # shifted within the sample
     n_think = int((trained & think).sum())
     n_answer = int(trained.sum()) - n_think
     weights = None
@@ -541,7 +541,7 @@ def _subset(data: SFTData, idx: np.ndarray) -> SFTData:
     summ = DataSummary(**{**data.summary.to_dict(), "dropped": dict(data.summary.dropped)})
     summ.kept = len(samples)
     summ.total_tokens = int(sum(len(s.ids) for s in samples))
-    summ.trained_tokens = int(sum(int((np.asarray(s.labels) != IGNORE).sum()) for s in samples))
+    summ.trained_tokens = int(sum(int((np.asarray(s.labels) != IGNORE_INDEX).sum()) for s in samples))
     think = None if data.think_counts is None else data.think_counts[idx]
     if think is not None:
         summ.think_tokens = int(think.sum())
@@ -564,7 +564,7 @@ def render_sample(sample: Sample, tok, colour: bool = False) -> str:
     ids = [int(i) for i in sample.ids]
     labels = np.asarray(sample.labels)
     trained = np.zeros(len(ids), dtype=bool)
-    trained[1:] = labels[:-1] != IGNORE  # token t is trained when position t-1 predicts it
+    trained[1:] = labels[:-1] != IGNORE_INDEX  # token t is trained when position t-1 predicts it
     think = np.zeros(len(ids), dtype=bool)
     joined, starts = _TokenText(tok)(ids)
     for t in _turns(joined, _Locate(len(joined), len(ids), starts), _char_spans(trained, starts, len(joined))):
@@ -607,7 +607,7 @@ def main(argv: list[str] | None = None) -> None:
     pick = np.random.default_rng(args.seed).permutation(len(data.samples))[: args.show]
     for n, i in enumerate(sorted(pick.tolist())):
         s = data.samples[i]
-        trained = int((np.asarray(s.labels) != IGNORE).sum())
+        trained = int((np.asarray(s.labels) != IGNORE_INDEX).sum())
         print(f"--- sample {i} ({len(s.ids)} tokens, {trained} trained; {legend}) ---")
         print(render_sample(s, tok, colour))
     print("---")

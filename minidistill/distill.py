@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     add_config_flags(c, DataConfig, help_suffix=" (as in training; default: %(default)s)")
     args = p.parse_args(argv)
 
-    from .checkpoint import load_model
+    from .loader import load_model
     from .data import prepare_data
     from .tokenizer import load_tokenizer
 

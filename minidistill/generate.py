@@ -204,7 +204,7 @@ def inference_dtype(dtype: str, device: str) -> str:
 def load_for_inference(model_name: str, adapter: str | None, dtype: str, device: str):
     """(model in eval mode with the adapter applied, tokenizer) for the generation and eval CLIs;
     dtype "auto" is bf16 on GPU, fp32 on CPU."""
-    from .checkpoint import load_model
+    from .loader import load_model
     from .lora import load_adapter
     from .tokenizer import load_tokenizer
 

@@ -199,7 +199,7 @@ def forward_loss(model, batch, device, num_items, amp, kd=None, kd_weight: float
 def make_kd(cfg: TrainConfig, tok, data, device, dtype, log):
     """The distillation term for forward_loss: online from a teacher model, or offline from a
     top-k cache; None without either."""
-    from .checkpoint import load_model
+    from .loader import load_model
     from .distill import TeacherCache
     from .kd import chunked_kd_loss, kd_from_topk
     from .tokenizer import load_tokenizer
@@ -281,7 +281,7 @@ def grad_sync(model, on: bool, fsdp: bool) -> None:
 
 def train(cfg: TrainConfig) -> dict:
     """Run one training job; returns the closing summary (also printed)."""
-    from .checkpoint import load_model
+    from .loader import load_model
     from .export import save_model
     from .lora import LoraConfig, apply_lora, merge_lora, save_adapter
     from .tokenizer import load_tokenizer
