@@ -29,6 +29,11 @@ class Batch:
     num_input_tokens: int  # non-padding input tokens
     rows: list[list[int]]  # sample indices of each row, in order (to find per-sample data, e.g. a teacher cache)
 
+    def model_inputs(self, device: torch.device | str) -> dict:
+        """The keyword arguments of `Transformer.forward` for this batch, on `device`."""
+        return dict(input_ids=self.input_ids.to(device), position_ids=self.position_ids.to(device),
+                    document_ids=None if self.document_ids is None else self.document_ids.to(device))
+
 
 class Batches(Sequence):
     """One rank's batches of one epoch, built on access: a whole epoch as tensors would not

@@ -33,6 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from .cli import flag_field
 from .quant import NF4Linear, NF4State, dense_linear, dequantize_nf4, nf4_linear, nf4_state_of, register_nf4_weight
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -50,11 +51,12 @@ class LoraConfig:
     blocks. On fused Phi-3 models q/k/v_proj mean `qkv_proj` and gate/up_proj mean `gate_up_proj`.
     """
 
-    r: int = 16
-    alpha: float = 16
-    dropout: float = 0.0
-    targets: tuple[str, ...] | str = DEFAULT_TARGETS
-    use_rslora: bool = False
+    r: int = flag_field(16, "LoRA rank", flag="--lora-r")
+    alpha: float = flag_field(16.0, "LoRA alpha (scale = alpha / r)", flag="--lora-alpha")
+    dropout: float = flag_field(0.0, "dropout on the LoRA input", flag="--lora-dropout")
+    targets: tuple[str, ...] | str = flag_field(DEFAULT_TARGETS, "comma-separated module names, or all-linear",
+                                                flag="--lora-targets")
+    use_rslora: bool = flag_field(False, "rank-stabilised LoRA: scale = alpha / sqrt(r)", flag="--use-rslora")
 
     def scaling(self, r: int | None = None, alpha: float | None = None) -> float:
         r, alpha = r or self.r, self.alpha if alpha is None else alpha

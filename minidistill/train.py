@@ -176,8 +176,7 @@ class Batches:
 
 
 def model_inputs(batch, device) -> dict:
-    return dict(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device),
-                document_ids=None if batch.document_ids is None else batch.document_ids.to(device))
+    return batch.model_inputs(device)
 
 
 def forward_loss(model, batch, device, num_items, amp, kd=None, kd_weight: float = 0.0):
