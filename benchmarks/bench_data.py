@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from minidistill.data import DataConfig, prepare_data  # noqa: E402
+from minidistill.samples import DataConfig, prepare_data  # noqa: E402
 from minidistill.tokenizer import Tokenizer  # noqa: E402
 
 WORDS = ("the so we then check that value first next sum root step add multiply answer is "

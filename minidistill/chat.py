@@ -6,7 +6,7 @@ trainable ones are each assistant turn's content plus its terminator token (`<|e
 The tokenizer encodes the joined text once and maps segments to tokens through character offsets, so
 token merges and whitespace-stripping special tokens at segment boundaries cannot shift the mask.
 
-The format is chosen from the checkpoint's own template text (`detect_format`), never from a folder name.
+The format is chosen from the checkpoint's own template text (`detect_chat_format`), never from a folder name.
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ FORMATS: dict[str, ChatFormat] = {f.name: f for f in [
 ]}
 
 
-def detect_format(template: str) -> str:
+def detect_chat_format(template: str) -> str:
     """Name of the chat format whose markers the Jinja template text contains; ValueError if none does."""
     text = template.replace("\\n", "\n")  # templates write newlines both as escapes and literally
     for f in FORMATS.values():

@@ -5,6 +5,8 @@ array element by element from one read of the text. Every record comes with wher
 found (`data.jsonl:17`), so a bad one can be named. Schemas are recognised from the keys of
 the first valid record (or forced with `format`) and turned into a list of
 {"role", "content"} messages whose last assistant turn holds `<think>\n…\n</think>\n answer`.
+Plain-text records skip the chat format: a prompt template (`PromptTemplate`) or the `text`
+format turns each one into (prompt, response) text.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-FORMATS = ("messages", "sharegpt", "dolphin-r1", "medical-o1", "magpie", "alpaca")
+FORMATS = ("messages", "sharegpt", "dolphin-r1", "medical-o1", "magpie", "alpaca")  # chat schemas
+TEXT_FORMAT = "text"  # {"text": ...}: no chat format, trained whole or after a response marker
+RESPONSE_LINE = "---response---"  # separates a prompt template's prompt part from its response part
 DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
 SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "valid", "val", "dev"),
                  "test": ("test",)}
@@ -243,7 +247,7 @@ def _read_parquet(path: Path) -> Iterator[Record]:
 
 # ---------------------------------------------------------------------------- schemas
 
-def detect_format(obj: Any) -> str | None:
+def detect_schema(obj: Any) -> str | None:
     """The schema of a record from its keys, or None when no schema fits."""
     if not isinstance(obj, dict):
         return None
@@ -349,6 +353,95 @@ def _chat(turns: list, role_key: str, text_key: str, roles: dict[str, str], name
             raise BadRecord(f"{name}[{i}]: a system message is only allowed first")
         out.append({"role": role, "content": content})
     return out
+
+
+# ---------------------------------------------------------------------------- plain text
+
+_PLACE = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
+Parts = tuple[tuple[str, str | None, int], ...]  # (literal text, field or None, template line of the field)
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """A prompt template file: the prompt part, a line `---response---`, the response part.
+    `{Field}` names a record key, `{{` and `}}` are literal braces; the file's final newline
+    is not part of the response."""
+    name: str  # the file name, for messages
+    prompt: Parts
+    response: Parts
+
+    def check_fields(self, obj: dict, where: str) -> None:
+        """ValueError naming the first field the template uses that the first record lacks."""
+        for _, f, line in self.prompt + self.response:
+            if f is not None and f not in obj:
+                raise ValueError(f"{self.name}:{line}: unknown field {{{f}}}: the first record ({where}) "
+                                 f"has keys {sorted(obj)}")
+
+    def _fill(self, parts: Parts, obj: Any) -> str:
+        if not isinstance(obj, dict):
+            raise BadRecord(f"expected a JSON object, got {type(obj).__name__}")
+        out = []
+        for text, f, line in parts:
+            v = "" if f is None else obj.get(f)
+            if v is None:
+                raise BadRecord(f"missing field {f!r} ({self.name}:{line} uses it; keys: {sorted(obj)})")
+            if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+                raise BadRecord(f"field {f!r} must be a string or a number, got {type(v).__name__}")
+            out += [text, str(v)]
+        return "".join(out)
+
+    def render_prompt(self, obj: Any) -> str:
+        """The prompt part filled from one record: what generation and evaluation continue."""
+        return self._fill(self.prompt, obj)
+
+    def render(self, obj: Any) -> tuple[str, str]:
+        """(prompt, response) of one record; BadRecord when it lacks a field."""
+        return self._fill(self.prompt, obj), self._fill(self.response, obj)
+
+
+def load_template(path: str | Path) -> PromptTemplate:
+    """Parse a prompt template file (see PromptTemplate); ValueError naming file:line on a bad one."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt template {str(path)!r} not found; check the path")
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    marks = [i for i, ln in enumerate(lines) if ln.rstrip("\r\n") == RESPONSE_LINE]
+    if len(marks) != 1:
+        raise ValueError(f"{path.name}: needs exactly one line {RESPONSE_LINE!r} between the prompt and the "
+                         f"response part, found {len(marks)}" + (f" (lines {[i + 1 for i in marks]})" if marks else ""))
+    m = marks[0]
+    response = "".join(lines[m + 1:])
+    response = response[:-1] if response.endswith("\n") else response
+    if not response.strip():
+        raise ValueError(f"{path.name}:{m + 2}: the response part after {RESPONSE_LINE!r} is empty: nothing to train on")
+    return PromptTemplate(path.name, _parse("".join(lines[:m]), path.name, 1), _parse(response, path.name, m + 2))
+
+
+def _parse(text: str, name: str, first_line: int) -> Parts:
+    parts, lit, pos = [], "", 0
+    for mt in _PLACE.finditer(text):
+        tok, line = mt.group(), first_line + text.count("\n", 0, mt.start())
+        lit, pos = lit + text[pos: mt.start()], mt.end()
+        if tok in ("{{", "}}"):
+            lit += tok[0]
+        elif mt.group(1) is None or not mt.group(1).strip():
+            what = f"lone {tok!r}" if len(tok) == 1 else "empty field {}"
+            raise ValueError(f"{name}:{line}: {what}; write {{Field}} for a record key, {{{{ and }}}} for braces")
+        else:
+            parts.append((lit, mt.group(1), line))
+            lit = ""
+    return tuple(parts) + ((lit + text[pos:], None, 0),)
+
+
+def text_parts(obj: Any, marker: str | None) -> tuple[str, str]:
+    """(prompt, response) of a `text` record: all of it trained, or what follows the first `marker`."""
+    if not isinstance(obj, dict):
+        raise BadRecord(f"expected a JSON object, got {type(obj).__name__}")
+    text = _field(obj, "text", str)
+    i = -1 if marker is None else text.find(marker)
+    if marker is not None and i < 0:
+        raise BadRecord(f"response marker {marker!r} not found in field 'text'")
+    return ("", text) if marker is None else (text[: i + len(marker)], text[i + len(marker):])
 
 
 def data_fingerprint(files: list[Path]) -> list[tuple[str, int, int]]:

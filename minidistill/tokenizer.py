@@ -8,12 +8,13 @@ BOS is added only on request (`add_bos=True`) and only when the text does not al
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as _HFTokenizer
 
-from .chat import ChatFormat, detect_format, get_format, render_segments
+from .chat import ChatFormat, Segment, detect_chat_format, get_format, render_segments
 
 
 def _read_json(path: Path) -> dict:
@@ -74,7 +75,7 @@ class Tokenizer:
         if chat_format is not None:
             self.set_chat_format(chat_format)
         elif chat_template:
-            self.set_chat_format(detect_format(chat_template))
+            self.set_chat_format(detect_chat_format(chat_template))
 
     def _special_id(self, token: str | None, fallback) -> int | None:
         if token is not None:
@@ -117,6 +118,20 @@ class Tokenizer:
                              "pick the format that matches the checkpoint")
         self.format, self.chat_format = fmt, name
 
+    @property
+    def backend(self) -> _HFTokenizer:
+        """The `tokenizers.Tokenizer` underneath (batch encoding with character offsets)."""
+        return self._tok
+
+    @property
+    def prepends_bos(self) -> bool:
+        """Whether tokenizer.json's post-processor puts BOS first (Llama 3, R1-Distill), as transformers'
+        `tokenizer(text)` then does: plain-text (prompt template) samples start with BOS when it does."""
+        if self.bos_id is None:
+            return False
+        with_specials = self._tok.encode("a", add_special_tokens=True).ids
+        return with_specials[:1] == [self.bos_id] and self.encode("a")[:1] != [self.bos_id]
+
     # ---- plain text ------------------------------------------------------------------------------------------
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
@@ -148,7 +163,8 @@ class Tokenizer:
 
     # ---- chat ------------------------------------------------------------------------------------------------
 
-    def _segments(self, messages: list[dict], add_generation_prompt: bool):
+    def chat_segments(self, messages: list[dict], add_generation_prompt: bool = False) -> list[Segment]:
+        """The conversation as the chat format's (text, trainable) segments; joined, they are `render_chat`."""
         if self.format is None:
             raise ValueError("this tokenizer has no chat template; pass chat_format=NAME to from_dir / "
                              "load_tokenizer to choose one of minidistill.chat.FORMATS")
@@ -157,11 +173,11 @@ class Tokenizer:
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         """The conversation as the chat template would print it."""
-        return "".join(t for t, _ in self._segments(messages, add_generation_prompt))
+        return "".join(t for t, _ in self.chat_segments(messages, add_generation_prompt))
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
         """Token ids of the conversation and a same-length mask, True on assistant content and terminators."""
-        segments = self._segments(messages, add_generation_prompt)
+        segments = self.chat_segments(messages, add_generation_prompt)
         spans, pos = [], 0
         for text, train in segments:
             if train:
@@ -209,3 +225,23 @@ def load_tokenizer(name_or_path: str, chat_format: str | None = None) -> Tokeniz
     from .hub import resolve_model_dir
 
     return Tokenizer.from_dir(resolve_model_dir(name_or_path, weights=False), chat_format=chat_format)
+
+
+def tokenizer_state(tok) -> bytes:
+    """What another process needs to rebuild `tok` (its JSON, configs, chat format name); also
+    the tokenizer part of the data cache key. Chat formats hold closures, so no plain pickle of a
+    Tokenizer; any other tokenizer object is pickled as it is."""
+    if not isinstance(tok, Tokenizer):
+        return pickle.dumps(tok)
+    ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+    return pickle.dumps((type(tok), tok.backend.to_str(), tok.config, tok.generation_config, ids,
+                         tok.chat_template, tok.chat_format))
+
+
+def tokenizer_from_state(state: bytes):
+    """The tokenizer `tokenizer_state` described (only for states this program wrote itself)."""
+    obj = pickle.loads(state)
+    if not isinstance(obj, tuple):
+        return obj
+    cls, js, config, gen, ids, template, fmt = obj
+    return cls(_HFTokenizer.from_str(js), config, gen, ids, template, None if fmt == "none" else fmt)

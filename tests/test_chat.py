@@ -5,7 +5,7 @@ import json
 import pytest
 
 import minidistill as md
-from minidistill.chat import FORMATS, detect_format
+from minidistill.chat import FORMATS, detect_chat_format
 from minidistill.tokenizer import Tokenizer
 from tok_fixtures import FAMILIES, write_tokenizer
 
@@ -145,7 +145,7 @@ def test_special_ids(family, tok_dirs):
     expected = [tok.eos_id] + [tok.token_to_id(t) for t in spec["gen_eos"]]
     assert tok.stop_ids == list(dict.fromkeys(expected))
     assert len(tok) == json.loads((tok_dirs[family] / "config.json").read_text())["vocab_size"]
-    assert detect_format(spec["template"]) == spec["format"]
+    assert detect_chat_format(spec["template"]) == spec["format"]
 
 
 def test_special_ids_fall_back_to_config(tmp_path):

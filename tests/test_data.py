@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from minidistill import data as D
+from minidistill import samples as S
+from minidistill import spans
 from minidistill.batches import make_batches
-from minidistill.data import DataConfig, SFTData, Sample, prepare_data, split_eval
-from minidistill.records import choose_files, iter_records
+from minidistill.samples import DataConfig, SFTData, Sample, prepare_data, split_eval
+from minidistill.records import iter_records
 from minidistill.tokenizer import Tokenizer
 from tok_fixtures import write_tokenizer
 
@@ -187,7 +189,7 @@ def test_truncation_cases(toks, tmp_path):
         prep(path, tok, tmp_path, max_seq_len=first, on_truncation="truncate")
 
 
-# ---------------------------------------------------------------------------- readers, hub files, cache
+# ---------------------------------------------------------------------------- readers, cache
 
 def test_json_array_and_parquet_readers(toks, tmp_path):
     pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
@@ -207,55 +209,6 @@ def test_json_array_and_parquet_readers(toks, tmp_path):
     (folder / "x.json").write_text(json.dumps(rows))
     write_jsonl(folder / "y.jsonl", rows)
     assert prep(folder, tok, tmp_path).summary.kept == 4
-
-
-DOLPHIN_README = """---
-license: apache-2.0
-configs:
-- config_name: nonreasoning
-  data_files:
-  - split: train
-    path: dolphin-r1-nonreasoning.jsonl
-- config_name: reasoning-deepseek
-  data_files:
-  - split: train
-    path: dolphin-r1-reasoning-deepseek.jsonl
-- config_name: reasoning-flash
-  data_files:
-  - split: train
-    path: dolphin-r1-reasoning-flash.jsonl
----
-# Dolphin R1
-"""
-MEDICAL_README = """---
-configs:
-- config_name: en
-  data_files: medical_o1_sft.json
-- config_name: zh
-  data_files: medical_o1_sft_Chinese.json
----
-"""
-
-
-def test_hub_file_choice():
-    dolphin = [".gitattributes", "README.md", "dolphin-r1-nonreasoning.jsonl", "dolphin-r1-reasoning-deepseek.jsonl",
-               "dolphin-r1-reasoning-flash.jsonl"]
-    assert choose_files(dolphin, DOLPHIN_README, "reasoning-deepseek", "train") == ["dolphin-r1-reasoning-deepseek.jsonl"]
-    with pytest.raises(ValueError, match="nonreasoning"):  # no default: the configs are listed
-        choose_files(dolphin, DOLPHIN_README, None, "train")
-    with pytest.raises(ValueError, match="no config 'reasoning'"):
-        choose_files(dolphin, DOLPHIN_README, "reasoning", "train")
-    # Without the README, the config name found in the file name decides.
-    assert choose_files(dolphin, None, "reasoning-flash", "train") == ["dolphin-r1-reasoning-flash.jsonl"]
-    medical = ["README.md", "medical_o1_sft.json", "medical_o1_sft_Chinese.json", "medical_o1_sft_mix.json"]
-    assert choose_files(medical, MEDICAL_README, "en", "train") == ["medical_o1_sft.json"]
-    magpie = ["README.md", ".gitattributes"] + [f"data/train-0000{i}-of-00009.parquet" for i in range(9)]
-    assert choose_files(magpie, "# Magpie\nno yaml", None, "train") == magpie[2:]
-    split = ["data/train.jsonl", "data/test.jsonl", "data/validation.jsonl"]
-    assert choose_files(split, None, None, "test") == ["data/test.jsonl"]
-    assert choose_files(split, None, None, "validation") == ["data/validation.jsonl"]
-    with pytest.raises(FileNotFoundError, match="split 'test'"):
-        choose_files(["all.jsonl"], None, None, "test")
 
 
 def test_cache_hit_and_invalidation(toks, tmp_path):
@@ -279,8 +232,8 @@ def test_worker_processes_match_in_process(toks, tmp_path, monkeypatch):
     rows = [_long_record(k % 3 + 1) for k in range(40)] + ["oops"]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     one = prepare_data(str(path), tok, DataConfig(num_workers=1, cache_dir=str(tmp_path / "c1")), log=lambda *a: None)
-    monkeypatch.setattr(D, "POOL_MIN_BYTES", 0)
-    monkeypatch.setattr(D, "CHUNK", 7)
+    monkeypatch.setattr(S, "POOL_MIN_BYTES", 0)
+    monkeypatch.setattr(S, "CHUNK", 7)
     many = prepare_data(str(path), tok, DataConfig(num_workers=2, cache_dir=str(tmp_path / "c2")), log=lambda *a: None)
     assert many.summary.to_dict() == one.summary.to_dict()
     assert all(np.array_equal(x.ids, y.ids) and np.array_equal(x.labels, y.labels)
@@ -294,13 +247,13 @@ def test_batched_encode_equals_encode_chat(family, tmp_path):
               {"role": "assistant", "content": THINK}, {"role": "user", "content": "again?"},
               {"role": "assistant", "content": " yes \n"}], [{"role": "user", "content": Q},
                                                              {"role": "assistant", "content": A}]]
-    text = D._TokenText(tok)
-    batched = D._encode_chats(tok, convs, text)
+    text = spans.TokenText(tok)
+    batched = spans.encode_chats(tok, convs, text)
 
     class Plain:  # the generic path: encode_chat + per-token text
         decode, encode_chat = tok.decode, tok.encode_chat
 
-    for conv, (ids, turns), (ids2, turns2) in zip(convs, batched, D._encode_chats(Plain(), convs, text)):
+    for conv, (ids, turns), (ids2, turns2) in zip(convs, batched, spans.encode_chats(Plain(), convs, text)):
         want_ids, want_mask = tok.encode_chat(conv)
         mask = np.zeros(len(ids), dtype=bool)
         for t in turns:
@@ -333,7 +286,7 @@ def synthetic(n: int = 37, seed: int = 0, weighted: bool = False, vocab: int = 9
         lab[p:-1] = ids[p + 1:]
         w = np.where(lab != IGN, rng.choice([0.5, 1.0], L), 0).astype(np.float32) if weighted else None
         samples.append(Sample(ids, lab, w))
-    return SFTData(samples, D.DataSummary(kept=n))
+    return SFTData(samples, S.DataSummary(kept=n))
 
 
 def _seen(batches) -> list[tuple]:
