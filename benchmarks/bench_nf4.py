@@ -1,7 +1,13 @@
-"""How fast is NF4 dequantization (bnb layout, double quant, bf16 out) against the copy roofline?
+"""How fast is NF4 dequantization (bnb layout, double quant, bf16 out) against the copy roofline,
+and what does it cost a QLoRA training step on the CPU?
 
 python benchmarks/bench_nf4.py            # CUDA: the Triton kernel on real model shapes
 python benchmarks/bench_nf4.py --smoke    # tiny shapes on CPU (auto without CUDA): proves it runs
+python benchmarks/bench_nf4.py --train-step [--train-layers 4]   # CPU: QLoRA step / LoRA step
+
+The train-step rows time one optimizer step (forward, chunked CE, backward, AdamW) of a
+SmolLM2-135M-shaped model with random weights (hidden 576, MLP 1536, 9/3 heads, vocab 49152,
+depth reduced), fp32, LoRA r16 on the seven projections, over a dense and over an NF4 base.
 
 Bytes per element (reference/nf4.md): 0.5 packed + 1/64 uint8 absmax + 2 bf16 write ≈ 2.516,
 read + write counted once each, like the copy it is compared with.
@@ -20,8 +26,13 @@ import torch
 if not torch.cuda.is_available():  # the kernel runs through the interpreter on CPU; set first
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from minidistill.kernels.nf4 import dequantize_nf4, dequantize_nf4_reference  # noqa: E402
-from minidistill.quant import quantize_nf4  # noqa: E402
+# No sys.path entry for the repo root: its top-level kernels/ folder would shadow the `kernels`
+# package that bitsandbytes imports (minidistill's kernels install as minidistill.kernels).
+import minidistill as md  # noqa: E402
+from minidistill.config import ModelConfig  # noqa: E402
+from minidistill.kernels.nf4 import dequantize_nf4_lut, dequantize_nf4_reference, dequantize_nf4_triton  # noqa: E402
+from minidistill.model import Transformer  # noqa: E402
+from minidistill.quant import NF4Linear, quantize_nf4  # noqa: E402
 
 try:  # oracle only; the library never imports it
     import bitsandbytes.functional as bnbf
@@ -115,32 +126,101 @@ def _row(model, name, numel, us, copy_gbs, impl_name, bnb_q, iters, cuda, bnb_us
             "speedup_vs_bnb": None if bnb_us is None else round(bnb_us / us, 2)}
 
 
+SMOLLM2 = dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+               num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+               rope_theta=100000.0, max_position_embeddings=8192, tie_word_embeddings=True, hidden_act="silu")
+
+
+def _smollm2_lora(cfg: ModelConfig, nf4: bool) -> Transformer:
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    model.requires_grad_(False)
+    if nf4:  # what load_model(quantize="nf4") does to the block linears
+        for mod in list(model.model.layers.modules()):
+            for name, child in list(mod.named_children()):
+                if isinstance(child, torch.nn.Linear):
+                    setattr(mod, name, NF4Linear.from_linear(child))
+    return md.apply_lora(model, md.LoraConfig(r=16, alpha=16), verbose=False).train()
+
+
+def train_step_rows(layers: int, batch: int, seq: int, steps: int) -> list[dict]:
+    """Median seconds of one LoRA and one QLoRA optimizer step on the CPU, same model and data,
+    timed alternately so that a noisy machine slows both alike."""
+    cfg = ModelConfig.from_hf(dict(SMOLLM2, num_hidden_layers=layers))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
+    labels = md.shift_labels(ids)
+    models = {"dense": _smollm2_lora(cfg, False), "nf4": _smollm2_lora(cfg, True)}
+    opts = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4) for k, m in models.items()}
+
+    def step(base: str) -> float:
+        t = time.perf_counter()
+        model = models[base]
+        out = md.chunked_cross_entropy(model(ids, return_hidden=True), model.head_weight, labels)
+        out.loss.backward()
+        opts[base].step()
+        opts[base].zero_grad(set_to_none=True)
+        return time.perf_counter() - t
+
+    times: dict[str, list[float]] = {"dense": [], "nf4": []}
+    for i in range(steps + 1):  # the first round warms up
+        for base in times:
+            dt = step(base)
+            if i:
+                times[base].append(dt)
+    rows = [{"model": f"smollm2-135m x{layers} layers", "linear": f"train step, {base} base",
+             "impl": "lora" if base == "dense" else "qlora", "tokens": batch * seq,
+             "step_s": round(statistics.median(t), 3)} for base, t in times.items()]
+    rows[1]["qlora_over_lora"] = round(rows[1]["step_s"] / rows[0]["step_s"], 2)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (auto without CUDA)")
     ap.add_argument("--iters", type=int, default=50, help="timed repetitions per row (median)")
+    ap.add_argument("--train-step", action="store_true", help="also time a LoRA vs QLoRA step on the CPU")
+    ap.add_argument("--train-layers", type=int, default=4, help="depth of the SmolLM2-shaped model")
+    ap.add_argument("--train-seq", type=int, default=256, help="tokens per row of the training batch")
+    ap.add_argument("--train-batch", type=int, default=2, help="rows of the training batch")
+    ap.add_argument("--train-steps", type=int, default=5, help="timed steps (median), after one warm-up")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 = steadier on a shared machine)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available() and not args.smoke
     device = "cuda" if cuda else "cpu"
     if cuda:
-        models, impl, impl_name = MODELS, dequantize_nf4, "triton"
+        models, impl, impl_name = MODELS, dequantize_nf4_triton, "triton"
         copy_gbs = copy_bandwidth(2 << 30, 20, cuda, device)
         dev_name = torch.cuda.get_device_name()
     else:  # every dimension / 64, two layers: seconds, not minutes, through the reference
         models = {m: (2, [(n, o // 64, i // 64) for n, o, i in lins])
                   for m, (_, lins) in MODELS.items()}
-        impl, impl_name = dequantize_nf4_reference, "torch-ref"
+        impl, impl_name = dequantize_nf4_lut, "torch-lut"
         copy_gbs = copy_bandwidth(64 << 20, 5, cuda, device)
         dev_name = "cpu (smoke)"
         args.iters = min(args.iters, 5)
     rows = bench_rows(models, device, args.iters, cuda, impl, impl_name, copy_gbs)
     if not cuda:  # the kernel itself, once, through the interpreter on one tiny shape
         packed, state = quantize_nf4(torch.randn(64, 48, dtype=torch.bfloat16), BLOCKSIZE)
-        us = _timer(lambda: dequantize_nf4(packed, state, torch.bfloat16), 2, False)
-        same = torch.equal(dequantize_nf4(packed, state, torch.bfloat16),
+        us = _timer(lambda: dequantize_nf4_triton(packed, state, torch.bfloat16), 2, False)
+        same = torch.equal(dequantize_nf4_triton(packed, state, torch.bfloat16),
                            dequantize_nf4_reference(packed, state, torch.bfloat16))
         rows.append(_row("tiny", f"64x48 (interpreter, == ref: {same})", 64 * 48, us, copy_gbs,
                          "triton-interp", None, 2, False))
+
+    if not cuda:  # the plain reference beside the lookup-table path, on the largest smoke shape
+        w = torch.randn(16384 // 64 * 8, 3072 // 64 * 8, dtype=torch.bfloat16) * 0.02
+        packed, state = quantize_nf4(w, BLOCKSIZE)
+        bnb_q = None if bnbf is None else bnbf.quantize_4bit(w, blocksize=BLOCKSIZE, quant_type="nf4",
+                                                             compress_statistics=True)
+        for name, fn in (("torch-ref", dequantize_nf4_reference), ("torch-lut", dequantize_nf4_lut)):
+            us = _timer(lambda: fn(packed, state, torch.bfloat16), args.iters, False)
+            rows.append(_row("ref vs lut", f"{state.shape[0]}x{state.shape[1]}", w.numel(), us,
+                             copy_gbs, name, bnb_q, args.iters, False))
+    train = train_step_rows(args.train_layers, args.train_batch, args.train_seq, args.train_steps) \
+        if args.train_step else []
 
     print(f"device: {dev_name}   copy bandwidth: {copy_gbs:.0f} GB/s   blocksize {BLOCKSIZE}, "
           "double quant, bf16 out")
@@ -153,8 +233,13 @@ def main() -> None:
         ratio = "-" if r["speedup_vs_bnb"] is None else f"{r['speedup_vs_bnb']:.2f}"
         print(f"{r['model']:<14}{r['linear']:<36}{r['impl']:<15}{r['us']:>11.1f}{r['gbs']:>9.1f}"
               f"{r['pct_copy']:>7.1f}{bnb_us:>11}{ratio:>7}")
+    if train:
+        print(f"\nCPU training step, batch {args.train_batch} x {args.train_seq} tokens, fp32, LoRA r16 x 7 projections")
+        for r in train:
+            ratio = f"   qlora / lora = {r['qlora_over_lora']:.2f}" if "qlora_over_lora" in r else ""
+            print(f"{r['model']:<28}{r['linear']:<24}{r['step_s']:>9.3f} s{ratio}")
     print(json.dumps({"bench": "nf4_dequant", "device": dev_name, "copy_gbs": round(copy_gbs, 1),
-                      "rows": rows}))
+                      "rows": rows, "train_step": train}))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
 """NF4 dequantization (bitsandbytes layout, double-quantized absmax decoded in the same pass).
 
-`_dequant_nf4_kernel` is the Triton kernel, `dequantize_nf4` its launcher and
-`dequantize_nf4_reference` the plain-torch reference; both give bit-identical results for the
-same output dtype. Layout and cost model: shared/reference/nf4.md.
+`_dequant_nf4_kernel` is the Triton kernel, `dequantize_nf4_triton` its launcher,
+`dequantize_nf4_reference` the plain-torch reference, and `dequantize_nf4_lut` the fast torch
+path for devices without the kernel (the CPU): a byte -> two-values table, one gather per byte,
+into a caller's buffer. All three give bit-identical results for the same output dtype (each
+multiplies the fp32 code by the fp32 scale, then casts). The format is described in
+minidistill/quant.py (bnb's layout, two codes per byte, high nibble first).
 """
 
 from __future__ import annotations
@@ -109,7 +112,7 @@ def _check(packed: torch.Tensor, state: NF4State, dtype: torch.dtype) -> tuple[i
     return n, n_blocks
 
 
-def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: torch.dtype) -> torch.Tensor:
+def dequantize_nf4_triton(packed: torch.Tensor, state: NF4State, dtype: torch.dtype) -> torch.Tensor:
     """Dequantize with the Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1)."""
     n, n_blocks = _check(packed, state, dtype)
     if triton is None:
@@ -164,3 +167,61 @@ def dequantize_nf4_reference(
     codes = torch.nn.functional.pad(codes, (0, n_blocks * bs - codes.numel()))
     vals = state.code[codes.long()].view(n_blocks, bs) * absmax[:, None]  # (n_blocks, bs) fp32
     return vals.reshape(-1)[:n].to(dtype).view(state.shape)
+
+
+# ---- the fast torch path (CPU) ------------------------------------------------------------------
+_CHUNK = 1 << 16  # output elements per pass: the gather, the scale and the cast stay in cache
+_PAIR_TABLES: dict[tuple, torch.Tensor] = {}
+
+
+def _pair_table(code: torch.Tensor) -> torch.Tensor:
+    """(256,) int64: byte b -> the fp32 pair (code[b >> 4], code[b & 15]) as one 8-byte word, so
+    one gather per byte writes both elements in flat order (even element = high nibble first)."""
+    key = (str(code.device), tuple(code.tolist()))
+    if key not in _PAIR_TABLES:
+        b = torch.arange(256, device=code.device)
+        pairs = torch.stack((code[b >> 4], code[b & 15]), dim=1).contiguous()  # (256, 2) fp32
+        _PAIR_TABLES[key] = pairs.view(torch.int64).view(256)
+    return _PAIR_TABLES[key]
+
+
+def _absmax_fp32(state: NF4State, n_blocks: int) -> torch.Tensor:
+    """The per-block fp32 scales, (n_blocks,), decoded from the double quantization as bnb does."""
+    if not state.nested:
+        return state.absmax
+    s2 = state.nested_absmax.repeat_interleave(state.nested_blocksize)[:n_blocks]  # (n_blocks,)
+    return state.nested_code[state.absmax.int()] * s2 + state.offset  # two roundings, as bnb
+
+
+def dequantize_nf4_lut(packed: torch.Tensor, state: NF4State, dtype: torch.dtype,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
+    """Dequantize with a 256-entry byte -> pair table, into `out` (a contiguous tensor of
+    numel(shape) elements in `dtype`, reused by the caller) or a new tensor. Bit-identical to
+    the reference; no int64 codes, and only chunk-sized temporaries."""
+    n, n_blocks = _check(packed, state, dtype)
+    if out is None:
+        out = torch.empty(state.shape, dtype=dtype, device=packed.device)
+    elif out.dtype != dtype or out.numel() != n or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {dtype} tensor of {n} elements, got {out.dtype} "
+                         f"{tuple(out.shape)} (contiguous={out.is_contiguous()})")
+    if n == 0:
+        return out.view(state.shape)
+    bs = state.blocksize
+    table, absmax = _pair_table(state.code), _absmax_fp32(state, n_blocks)
+    src, dst = packed.reshape(-1), out.view(-1)
+    step = max(1, _CHUNK // bs)  # whole blocks per pass
+    idx = torch.empty(step * bs // 2, dtype=torch.int32, device=packed.device)
+    direct = dtype == torch.float32
+    work = None if direct and n % bs == 0 else torch.empty(step * bs, dtype=torch.float32, device=packed.device)
+    for blk in range(0, n_blocks, step):
+        nb = min(step, n_blocks - blk)
+        e0, e1 = blk * bs, min((blk + nb) * bs, n)  # element range; e0 is even (bs is)
+        n_bytes = (e1 - e0 + 1) // 2
+        i = idx[:n_bytes]
+        i.copy_(src[e0 // 2:e0 // 2 + n_bytes])  # uint8 -> int32 index
+        w = dst[e0:e1] if work is None else work[:nb * bs]
+        torch.index_select(table, 0, i, out=w[:2 * n_bytes].view(torch.int64))  # both nibbles at once
+        w.view(nb, bs).mul_(absmax[blk:blk + nb, None])  # fp32 code * fp32 scale, as bnb
+        if work is not None:
+            dst[e0:e1].copy_(w[:e1 - e0])  # the cast (round to nearest even) to `dtype`
+    return out.view(state.shape)

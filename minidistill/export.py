@@ -17,8 +17,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .hub import INDEX_FILE, SINGLE_FILE, repo_id_for
+from .lora import lora_layers
+from .new_tokens import has_token_rows
 from .quant import NF4Linear
-from .lora import TokenRowsEmbedding, lora_layers
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -71,7 +72,7 @@ def _shards(state: dict[str, torch.Tensor], limit: int) -> list[dict[str, torch.
 def save_model(model: nn.Module, path: str | Path, tokenizer=None, *, max_shard_size: int | str = "5GB") -> None:
     """Write the model in the HF layout: config.json, safetensors (sharded past max_shard_size),
     tokenizer files (tokenizer.save) and the source's generation_config.json when available."""
-    if lora_layers(model) or isinstance(model.model.embed_tokens, TokenRowsEmbedding):
+    if lora_layers(model) or has_token_rows(model):
         raise ValueError("model has LoRA layers or new-token rows: call md.merge_lora(model) first to "
                          "export a merged checkpoint, or md.save_adapter(model, dir) to save the adapter")
     if any(isinstance(m, NF4Linear) for m in model.modules()):

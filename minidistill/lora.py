@@ -1,46 +1,39 @@
-"""LoRA as a module swap, adapters in PEFT's file layout, and trainable rows for new tokens.
+"""LoRA as a module swap: `LoRALinear` / `NF4LoRALinear`, `apply_lora`, `merge_lora`.
 
-`apply_lora` replaces target `nn.Linear`s in the blocks by `LoRALinear`, which keeps the frozen
-base under the same state-dict keys (`...q_proj.weight`) and adds `lora_A` / `lora_B` like PEFT
-(`...q_proj.lora_A.weight`). Adapters are written and read in PEFT's layout
-(`adapter_config.json` + `adapter_model.safetensors`, keys `base_model.model.<path>.lora_A.weight`).
-
-QLoRA: an `NF4Linear` target becomes `NF4LoRALinear`, the same layer over the 4-bit base (its
-packed keys unchanged); `merge_lora` decodes such layers and leaves 16-bit `nn.Linear`s.
+`apply_lora` replaces target linears in the blocks by `LoRALinear`, which keeps the frozen base
+under the same state-dict keys (`...q_proj.weight`) and adds `lora_A` / `lora_B` like PEFT
+(`...q_proj.lora_A.weight`); adapter files are adapter.py's business, new-token rows
+new_tokens.py's. QLoRA: an `NF4Linear` target becomes `NF4LoRALinear`, the same layer over the
+4-bit base (its packed keys unchanged); `merge_lora` decodes such layers into 16-bit `nn.Linear`s.
 
 Fused Phi-3 models (`qkv_proj`, `gate_up_proj`): the names q/k/v_proj map to `qkv_proj` and
-gate/up_proj to `gate_up_proj`, so the default targets work on every family. A split q/k/v
-adapter loaded into a fused model is fused exactly: A's concatenated along the rank, B
-block-diagonal (rank r_q + r_k + r_v), recorded in `rank_pattern` when saved again.
+gate/up_proj to `gate_up_proj`, so the default targets work on every family.
 
-New tokens (`add_tokens`): only the new rows of the embedding (and of an untied head) train, as
-a small `new_rows` parameter that replaces those rows in forward (PEFT's trainable tokens,
-saved under its keys and `trainable_token_indices`).
+The LoRA branch (`_LoRAFunction`): A and B stay fp32 master weights, the matmuls run in the
+compute dtype (autocast's inside autocast, else the input's), and backward keeps only what it
+needs: the input once (for A's gradient), x @ A^T (r wide, for B's), and references to the
+frozen weights; the base needs no saved input. Projections reading the same input (q/k/v,
+gate/up) run one A matmul through `LoRALinear.group_forward`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
-import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .cli import flag_field
-from .quant import NF4Linear, NF4State, dense_linear, dequantize_nf4, nf4_linear, nf4_state_of, register_nf4_weight
+from .new_tokens import merge_token_rows
+from .quant import (NF4Linear, NF4State, dense_linear, dequantize_nf4, nf4_linear, nf4_matmul_weight, nf4_state_of,
+                    register_nf4_weight)
 
-CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
-PREFIX = "base_model.model."
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-TOKEN_KEY = "token_adapter.trainable_tokens_delta"  # PEFT's key for trainable token rows
 
 
 @dataclass
@@ -63,11 +56,93 @@ class LoraConfig:
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
 
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the matmuls of `x` run in: autocast's inside autocast, else x's own."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+class _LoRAFunction(torch.autograd.Function):
+    """y_i = base_i(x) + s_i * (xl @ A_i^T) @ B_i^T for LoRA layers i reading the same x, where
+    xl = dropout(x) or x itself; x, xl already in `cdt`, every matmul in `cdt`, one A matmul for
+    all layers ([A_0; A_1; ...], split by rank).
+
+    Saved: xl (A's gradient) and a = xl @ A^T (r wide, B's gradient); the frozen base weights by
+    reference (an NF4 base is decoded again in backward). Inputs after `xl`: (W, b, A, B) per layer.
+    """
+
+    @staticmethod
+    def forward(ctx, mods: tuple, cdt: torch.dtype, x: Tensor, xl: Tensor, *weights: Tensor | None):
+        W, b, A, B = weights[0::4], weights[1::4], weights[2::4], weights[3::4]
+        a = F.linear(xl, torch.cat([t.to(cdt) for t in A]))  # (..., sum r_i)
+        a2 = a.view(-1, a.shape[-1])  # (N, sum r_i)
+        outs, lo = [], 0
+        for m, w, bias, Bi in zip(mods, W, b, B):
+            y = F.linear(x, m._dense_base(w, cdt), None if bias is None else bias.to(cdt))  # (..., out_i)
+            hi = lo + Bi.shape[1]
+            # In place, scale folded into the (out_i, r_i) B: no (N, out_i) temporaries.
+            y.view(-1, y.shape[-1]).addmm_(a2[:, lo:hi], (Bi * m.scaling).to(cdt).t())
+            outs.append(y)
+            lo = hi
+        need = ctx.needs_input_grad[4:]
+        ctx.mods, ctx.cdt, ctx.same, ctx.x_shape = mods, cdt, xl is x, x.shape
+        ctx.save_for_backward(xl if any(need[2::4]) else None, a if any(need[3::4]) else None, *weights)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):
+        xl, a, *weights = ctx.saved_tensors
+        W, A, B = weights[0::4], weights[2::4], weights[3::4]
+        mods, cdt, same = ctx.mods, ctx.cdt, ctx.same
+        need_x, need_xl = ctx.needs_input_grad[2:4]
+        need = ctx.needs_input_grad[4:]
+        gx, ga, per_layer = None, [], []
+        lo = 0
+        for i, (m, g, w, Bi) in enumerate(zip(mods, grads, W, B)):
+            g2 = g.reshape(-1, g.shape[-1])  # (N, out_i)
+            if need_x:  # through the frozen base
+                wd = m._dense_base(w, cdt)  # (out_i, in)
+                gx = g2 @ wd if gx is None else gx.addmm_(g2, wd)
+            ga.append(g2 @ (Bi * m.scaling).to(cdt))  # (N, r_i): dL/da_i
+            hi = lo + Bi.shape[1]
+            gb = g2.sum(0) if need[4 * i + 1] else None
+            gB = None
+            if need[4 * i + 3]:
+                gB = (g2.t() @ a.view(-1, a.shape[-1])[:, lo:hi]).mul_(m.scaling).to(Bi.dtype)  # (out_i, r_i)
+            per_layer.append([gb, gB])
+            lo = hi
+        ga = torch.cat(ga, dim=1) if len(ga) > 1 else ga[0]  # (N, sum r_i)
+        gA = [None] * len(mods)
+        if any(need[2::4]):
+            gA_cat = ga.t() @ xl.reshape(-1, xl.shape[-1])  # (sum r_i, in)
+            gA = [t.to(Ai.dtype) for t, Ai in zip(gA_cat.split([Ai.shape[0] for Ai in A]), A)]
+        gxl = None
+        if need_xl:  # (when xl is x, need_xl == need_x and gx holds the base part)
+            A_cat = torch.cat([t.to(cdt) for t in A])  # (sum r_i, in)
+            if same:  # one gradient for x, accumulated in place
+                gx.addmm_(ga, A_cat)
+            else:
+                gxl = (ga @ A_cat).view(ctx.x_shape)
+        if gx is not None:
+            gx = gx.view(ctx.x_shape)
+        out = [None, None, gx, gxl]
+        for (gb, gB), gAi in zip(per_layer, gA):
+            out += [None, gb, gAi, gB]
+        return tuple(out)
+
+
+def _fusable(m: nn.Module) -> bool:
+    """A LoRA layer the shared-input function serves: unmerged, frozen base, no active dropout."""
+    return (isinstance(m, LoRALinear) and not m.merged and not m.weight.requires_grad
+            and (isinstance(m.dropout, nn.Identity) or not m.dropout.training))
+
+
 class LoRALinear(nn.Module):
     """y = base(x) + lora_B(lora_A(dropout(x))) * scaling; the base is frozen.
 
-    The base computation lives in `base_forward` / `base_weight` only, so a quantized base
-    (NF4) can subclass and override those two.
+    The base lives in `base_forward` / `_dense_base` only, so a quantized base (NF4) subclasses
+    and overrides those two. With dropout > 0 (in training) each layer draws its own mask, as
+    PEFT's do, so `group_forward` runs such layers one by one (each still saves its input once).
     """
 
     def __init__(self, base: nn.Linear, r: int, scaling: float, dropout: float = 0.0):
@@ -93,6 +168,10 @@ class LoRALinear(nn.Module):
     def base_forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight, self.bias)
 
+    def _dense_base(self, weight: Tensor, dtype: torch.dtype) -> Tensor:
+        """The base weight (out, in) in `dtype` for one matmul; `weight` is this layer's `weight`."""
+        return weight.to(dtype)
+
     def delta_weight(self) -> Tensor:
         """B @ A * scaling in fp32, (out, in)."""
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
@@ -105,12 +184,33 @@ class LoRALinear(nn.Module):
             self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
         self.merged = True
 
+    def _function_inputs(self) -> tuple[Tensor | None, ...]:
+        return self.weight, self.bias, self.lora_A.weight, self.lora_B.weight
+
     def forward(self, x: Tensor) -> Tensor:
-        y = self.base_forward(x)
         if self.merged:
-            return y
-        a = self.lora_A(self.dropout(x).to(self.lora_A.weight.dtype))
-        return y + (self.lora_B(a) * self.scaling).to(y.dtype)
+            return self.base_forward(x)
+        cdt = compute_dtype(x)
+        if self.weight.requires_grad:  # someone unfroze the base: plain autograd, which gives its gradient
+            a = F.linear(self.dropout(x).to(cdt), self.lora_A.weight.to(cdt))
+            y = self.base_forward(x)
+            return y + (F.linear(a, self.lora_B.weight.to(cdt)) * self.scaling).to(y.dtype)
+        x = x.to(cdt)  # one cast (none when x is already in cdt), shared by base and A
+        return _LoRAFunction.apply((self,), cdt, x, self.dropout(x), *self._function_inputs())[0]
+
+    @staticmethod
+    def group_forward(x: Tensor, mods: Sequence[nn.Module]) -> list[Tensor]:
+        """[m(x) for m in mods], with one A matmul and one saved x for LoRA layers sharing x.
+
+        Falls back to one call per module when the group is mixed (a plain or merged linear,
+        active dropout, an unfrozen base); the results are the same either way.
+        """
+        if len(mods) < 2 or not all(_fusable(m) for m in mods):
+            return [m(x) for m in mods]
+        cdt = compute_dtype(x)
+        x = x.to(cdt)
+        inputs = [t for m in mods for t in m._function_inputs()]
+        return list(_LoRAFunction.apply(tuple(mods), cdt, x, x, *inputs))
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, scaling={self.scaling:g}, merged={self.merged}"
@@ -119,9 +219,9 @@ class LoRALinear(nn.Module):
 class NF4LoRALinear(LoRALinear):
     """QLoRA: LoRALinear over a frozen NF4 base (an `NF4Linear`'s buffers, same state-dict keys).
 
-    The base is decoded per call (Triton on CUDA, torch elsewhere) and backward decodes it again
-    for the input gradient: no 16-bit copy is kept and no weight gradient exists. The LoRA
-    weights are fp32 whatever the compute dtype, so small updates are not lost to bf16 rounding.
+    The base is decoded per matmul (Triton on CUDA; a lookup table into a reused buffer on the
+    CPU) and again in backward for the input gradient: no 16-bit copy is kept, no weight gradient
+    exists. The LoRA weights are fp32 whatever the compute dtype.
     """
 
     def __init__(self, base: NF4Linear, r: int, scaling: float, dropout: float = 0.0):
@@ -137,6 +237,9 @@ class NF4LoRALinear(LoRALinear):
     def base_forward(self, x: Tensor) -> Tensor:
         return nf4_linear(x, self.weight, self.state, self.bias)
 
+    def _dense_base(self, weight: Tensor, dtype: torch.dtype) -> Tensor:
+        return nf4_matmul_weight(weight, self.state, dtype)  # valid until the next decode: used at once
+
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         """The base weight [out, in] decoded to `dtype` (default: the original weight's)."""
         return dequantize_nf4(self.weight, self.state, dtype)
@@ -151,109 +254,7 @@ class NF4LoRALinear(LoRALinear):
             return dense_linear(self.dequantize(torch.float32) + self.delta_weight(), self.bias, dtype)
 
 
-# ---------------------------------------------------------------- trainable rows for new tokens
-
-class TokenRowsEmbedding(nn.Module):
-    """An embedding whose rows `token_ids` come from the trainable `new_rows`; the rest is frozen."""
-
-    def __init__(self, emb: nn.Embedding, token_ids: list[int], new_rows: nn.Parameter):
-        super().__init__()
-        self.weight = emb.weight  # same key as nn.Embedding; stays shared with a tied head
-        self.num_embeddings, self.embedding_dim = self.weight.shape
-        self.new_rows = new_rows
-        self.register_buffer("token_ids", torch.tensor(token_ids, dtype=torch.long, device=self.weight.device), persistent=False)
-        slot = torch.full((self.num_embeddings,), -1, dtype=torch.long, device=self.weight.device)
-        slot[self.token_ids] = torch.arange(len(token_ids), device=self.weight.device)
-        self.register_buffer("slot", slot, persistent=False)  # token id -> row of new_rows, or -1
-
-    def full_weight(self) -> Tensor:
-        return self.weight.index_copy(0, self.token_ids, self.new_rows.to(self.weight.dtype))
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = F.embedding(x, self.weight)  # (B, T, H)
-        slot = self.slot[x]  # (B, T)
-        new = self.new_rows[slot.clamp(min=0)].to(out.dtype)  # (B, T, H); cheaper than copying the table
-        return torch.where((slot >= 0)[..., None], new, out)
-
-
-class TokenRowsHead(nn.Module):
-    """An output head whose rows `token_ids` come from the trainable `new_rows`."""
-
-    def __init__(self, head: nn.Linear, token_ids: list[int], new_rows: nn.Parameter):
-        super().__init__()
-        self.weight = head.weight
-        self.out_features, self.in_features = self.weight.shape
-        self.new_rows = new_rows
-        self.register_buffer("token_ids", torch.tensor(token_ids, dtype=torch.long, device=self.weight.device), persistent=False)
-
-    def full_weight(self) -> Tensor:
-        """The (V, H) head with the new rows in place, for losses that compute the head themselves."""
-        return self.weight.index_copy(0, self.token_ids, self.new_rows.to(self.weight.dtype))
-
-    def forward(self, x: Tensor) -> Tensor:
-        logits = F.linear(x, self.weight)  # (B, T, V)
-        return logits.index_copy(-1, self.token_ids, F.linear(x, self.new_rows.to(x.dtype)))
-
-
-def _set_token_rows(model: nn.Module, ids: list[int], embed_rows: Tensor, head_rows: Tensor | None) -> None:
-    """Make rows `ids` trainable (values given), extending rows made trainable before."""
-    emb, head = model.model.embed_tokens, model.lm_head
-    tied = head.weight is emb.weight
-    if isinstance(emb, TokenRowsEmbedding):  # a second add_tokens: extend
-        ids = emb.token_ids.tolist() + ids
-        embed_rows = torch.cat([emb.new_rows.detach(), embed_rows])
-        if not tied:
-            head_rows = torch.cat([head.new_rows.detach(), head_rows])
-    new_e = nn.Parameter(embed_rows.to(emb.weight.dtype).clone())
-    model.model.embed_tokens = TokenRowsEmbedding(emb, ids, new_e)
-    new_h = new_e if tied else nn.Parameter(head_rows.to(head.weight.dtype).clone())
-    model.lm_head = TokenRowsHead(head, ids, new_h)
-
-
-def _resize_rows(model: nn.Module, n: int, mean_of: int) -> None:
-    """Grow embed_tokens (and an untied head) to n rows, new rows = mean of the first `mean_of`."""
-    emb, head = model.model.embed_tokens, model.lm_head
-    tied = head.weight is emb.weight
-
-    def grown(w: Tensor) -> nn.Parameter:
-        extra = w[:mean_of].float().mean(0, keepdim=True).expand(n - w.shape[0], -1).to(w.dtype)
-        return nn.Parameter(torch.cat([w.detach(), extra]), requires_grad=False)
-
-    emb.weight = grown(emb.weight)
-    emb.num_embeddings = n
-    head.weight = emb.weight if tied else grown(head.weight)
-    head.out_features = n
-    model.config.vocab_size = n
-    model.config.raw["vocab_size"] = n
-
-
-def add_tokens(model: nn.Module, tok, tokens: list[str]) -> list[str]:
-    """Add the tokens the tokenizer lacks; give them embedding (and untied head) rows that train.
-
-    Rows start at the mean of the existing tokens' rows. A checkpoint already padded past the
-    tokenizer (Phi-4-mini: 200064 rows) reuses its spare rows. Returns the tokens added.
-    """
-    old_len = len(tok)
-    added = tok.add_tokens(list(tokens))
-    if not added:
-        return []
-    ids = [tok.token_to_id(t) for t in added]
-    rows = model.model.embed_tokens.weight.shape[0]
-    if len(tok) > rows:
-        _resize_rows(model, len(tok), mean_of=min(old_len, rows))
-    emb_w, head_w = model.model.embed_tokens.weight, model.lm_head.weight
-    n_old = min(old_len, rows)
-    mean_e = emb_w[:n_old].float().mean(0)
-    mean_h = head_w[:n_old].float().mean(0)
-    with torch.no_grad():  # base rows too, so a merge of untouched rows equals the initial value
-        emb_w[ids] = mean_e.to(emb_w.dtype)
-        head_w[ids] = mean_h.to(head_w.dtype)
-    tied = head_w is emb_w
-    _set_token_rows(model, ids, mean_e.expand(len(ids), -1), None if tied else mean_h.expand(len(ids), -1))
-    return added
-
-
-# ---------------------------------------------------------------- applying LoRA
+# ---------------------------------------------------------------- choosing and wrapping targets
 
 def _linears(model: nn.Module) -> dict[str, nn.Module]:
     """Linear layers inside the blocks (`model.layers.*`), the ones that can take LoRA."""
@@ -274,7 +275,7 @@ def _map_fused(targets: list[str], names: set[str]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def _resolve_targets(model: nn.Module, targets) -> list[str]:
+def resolve_targets(model: nn.Module, targets: Sequence[str] | str) -> list[str]:
     """Module paths selected by `targets` (names, "all-linear", or a PEFT regex string)."""
     linears = _linears(model)
     names = {p.rsplit(".", 1)[-1] for p in linears}
@@ -298,12 +299,14 @@ def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent), name, module)
 
 
-def _freeze_all_but_adapters(model: nn.Module) -> None:
+def freeze_all_but_adapters(model: nn.Module) -> None:
+    """Only LoRA weights and new-token rows require grad afterwards."""
     for name, p in model.named_parameters():
         p.requires_grad_(name.rsplit(".", 2)[-2] in ("lora_A", "lora_B") or name.endswith("new_rows"))
 
 
-def _print_trainable(model: nn.Module) -> None:
+def print_trainable(model: nn.Module) -> None:
+    """PEFT's line: trainable params, all params, trainable %."""
     params = {id(p): p for p in model.parameters()}.values()
     # 4-bit weights are buffers: count their elements too, as PEFT counts bnb's Params4bit.
     total = sum(p.numel() for p in params) + sum(
@@ -312,7 +315,9 @@ def _print_trainable(model: nn.Module) -> None:
     print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
 
 
-def _wrap(model: nn.Module, paths: list[str], cfg: LoraConfig, ranks: dict[str, tuple[int, float]] | None = None) -> None:
+def wrap_linears(model: nn.Module, paths: list[str], cfg: LoraConfig,
+                 ranks: dict[str, tuple[int, float]] | None = None) -> None:
+    """Replace each linear at `paths` by a (NF4)LoRALinear: rank and scale from `ranks` or `cfg`."""
     for path in paths:
         base = model.get_submodule(path)
         if isinstance(base, LoRALinear):
@@ -330,16 +335,16 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, *, verbose: bool = True) -> nn
     LoRA weights); NF4 linears not targeted stay NF4Linear. Only the LoRA weights (and new-token
     rows from `add_tokens`) require grad afterwards. Prints the trainable parameter count (verbose); returns the model.
     """
-    paths = _resolve_targets(model, cfg.targets)
-    _wrap(model, paths, cfg)
+    wrap_linears(model, resolve_targets(model, cfg.targets), cfg)
     model.lora_config = cfg
-    _freeze_all_but_adapters(model)
+    freeze_all_but_adapters(model)
     if verbose:
-        _print_trainable(model)
+        print_trainable(model)
     return model
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """Path -> LoRA layer, for every LoRALinear / NF4LoRALinear of the model."""
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
@@ -367,216 +372,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     if dequantized and "quantization_config" in model.config.raw:
         # A pre-quantized source: the export is dense now, and readers must not expect 4-bit.
         model.config.raw.pop("quantization_config")
-    emb, head = model.model.embed_tokens, model.lm_head
-    if isinstance(emb, TokenRowsEmbedding):
-        with torch.no_grad():
-            emb.weight[emb.token_ids] = emb.new_rows.to(emb.weight.dtype)
-            if head.weight is not emb.weight:
-                head.weight[head.token_ids] = head.new_rows.to(head.weight.dtype)
-        plain_e = nn.Embedding(*emb.weight.shape, device="meta")
-        plain_e.weight = emb.weight
-        plain_h = nn.Linear(head.in_features, head.out_features, bias=False, device="meta")
-        plain_h.weight = head.weight
-        model.model.embed_tokens, model.lm_head = plain_e, plain_h
+    merge_token_rows(model)
     if hasattr(model, "lora_config"):
         del model.lora_config
     return model
-
-
-# ---------------------------------------------------------------- adapters on disk (PEFT layout)
-
-def _pattern_key(patterns: dict, path: str) -> str | None:
-    """PEFT's rank_pattern / alpha_pattern matching: the key is a suffix regex of the path."""
-    return next((k for k in patterns if re.match(rf"(.*\.)?({k})$", path)), None)
-
-
-def _split_sizes(model: nn.Module, fused: str) -> list[int]:
-    c = model.config
-    if fused == "qkv_proj":
-        return [c.num_attention_heads * c.head_dim] + [c.num_key_value_heads * c.head_dim] * 2
-    return [c.intermediate_size] * 2
-
-
-def save_adapter(model: nn.Module, path: str | Path, *, split_fused: bool = False) -> None:
-    """Write adapter_config.json + adapter_model.safetensors in PEFT's layout.
-
-    split_fused=True writes fused Phi-3 qkv_proj / gate_up_proj LoRAs as q/k/v_proj and
-    gate/up_proj ones (same A for each, B sliced by rows: exact), for servers that want those.
-    """
-    cfg: LoraConfig | None = getattr(model, "lora_config", None)
-    layers = lora_layers(model)
-    if cfg is None or not layers:
-        raise ValueError("model has no LoRA layers: call apply_lora or load_adapter first")
-    tensors: dict[str, Tensor] = {}
-    ranks: dict[str, tuple[int, float]] = {}
-    for p, m in layers.items():
-        name = p.rsplit(".", 1)[-1]
-        A, B = m.lora_A.weight.detach(), m.lora_B.weight.detach()
-        if split_fused and name in FUSED:
-            parts = [(p[: -len(name)] + part, b) for part, b in zip(FUSED[name], B.split(_split_sizes(model, name)))]
-        else:
-            parts = [(p, B)]
-        for q, b in parts:
-            tensors[f"{PREFIX}{q}.lora_A.weight"] = A.cpu().clone()  # split parts share A: own copies
-            tensors[f"{PREFIX}{q}.lora_B.weight"] = b.cpu().clone()
-            ranks[q] = (m.r, m.scaling)
-    # Modules whose rank or scale differ from the config's (a split adapter fused back) are
-    # described per path in rank_pattern / alpha_pattern, so PEFT builds them identically.
-    rank_pattern, alpha_pattern = {}, {}
-    for q, (r, s) in ranks.items():
-        if r != cfg.r or not math.isclose(s, cfg.scaling(), rel_tol=1e-9):
-            rank_pattern[q] = r
-            alpha_pattern[q] = s * (math.sqrt(r) if cfg.use_rslora else r)
-    emb, head = model.model.embed_tokens, model.lm_head
-    token_indices = None
-    if isinstance(emb, TokenRowsEmbedding):
-        token_indices = {"embed_tokens": emb.token_ids.tolist()}
-        tensors[f"{PREFIX}model.embed_tokens.{TOKEN_KEY}"] = emb.new_rows.detach().contiguous().cpu()
-        if head.weight is not emb.weight:  # a tied head follows the embedding in PEFT
-            token_indices["lm_head"] = head.token_ids.tolist()
-            tensors[f"{PREFIX}lm_head.{TOKEN_KEY}"] = head.new_rows.detach().contiguous().cpu()
-    config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.r, "lora_alpha": cfg.alpha,
-        "target_modules": sorted({q.rsplit(".", 1)[-1] for q in ranks}),
-        "use_rslora": cfg.use_rslora, "lora_dropout": cfg.dropout, "bias": "none",
-        "base_model_name_or_path": getattr(model, "source", "") or "",
-        "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
-        "modules_to_save": None, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
-        "use_dora": False, "lora_bias": False, "layers_to_transform": None, "layers_pattern": None,
-        "trainable_token_indices": token_indices, "revision": None,
-    }
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
-
-
-_UNSUPPORTED = {"use_dora": False, "fan_in_fan_out": False, "lora_bias": False, "modules_to_save": None,
-                "layers_to_transform": None, "layer_replication": None, "target_parameters": None,
-                "exclude_modules": None}
-
-
-def _read_adapter(folder: Path) -> tuple[dict, dict[str, Tensor]]:
-    if not (folder / CONFIG_FILE).exists() or not (folder / WEIGHTS_FILE).exists():
-        found = sorted(p.name for p in folder.glob("*")) if folder.is_dir() else "folder missing"
-        raise FileNotFoundError(f"{folder} needs {CONFIG_FILE} and {WEIGHTS_FILE} (found: {found}); "
-                                "minidistill reads safetensors adapters only, never .bin pickles")
-    config = json.loads((folder / CONFIG_FILE).read_text())
-    if config.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{folder}: peft_type {config['peft_type']!r} is not supported; valid: LORA")
-    for key, ok in _UNSUPPORTED.items():
-        if config.get(key, ok) not in (ok, [], {}):
-            raise ValueError(f"{folder}: {key}={config[key]!r} is not supported (only {ok!r})")
-    if config.get("bias", "none") != "none":
-        raise ValueError(f"{folder}: bias={config['bias']!r} is not supported (only 'none')")
-    with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as f:
-        tensors = {k.removeprefix(PREFIX): f.get_tensor(k) for k in f.keys()}
-    return config, tensors
-
-
-def load_adapter(model: nn.Module, path: str | Path, *, verbose: bool = True) -> nn.Module:
-    """Apply a LoRA adapter saved by `save_adapter` or by PEFT (safetensors) to a fresh model.
-
-    A split q/k/v (gate/up) adapter is fused exactly into a fused Phi-3 model: rank r_q+r_k+r_v.
-    Fails on shape mismatches, targets missing from the model and unused weights; warns when
-    `base_model_name_or_path` differs from the model's source. LoRA weights stay trainable.
-    """
-    folder = Path(path)
-    config, tensors = _read_adapter(folder)
-    targets = config["target_modules"]
-    cfg = LoraConfig(r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
-                     targets=targets if isinstance(targets, str) else tuple(targets),
-                     use_rslora=config.get("use_rslora", False))
-    base_name, source = config.get("base_model_name_or_path") or "", getattr(model, "source", "") or ""
-    if base_name and source and base_name != source:
-        warnings.warn(f"adapter {folder} was trained on {base_name!r}; this model was loaded from {source!r}")
-    if lora_layers(model):
-        raise ValueError(f"model already has LoRA layers; load {folder} into a freshly loaded model")
-    rank_p, alpha_p = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-
-    def rank_scale(p: str) -> tuple[int, float]:
-        rk, ak = _pattern_key(rank_p, p), _pattern_key(alpha_p, p)
-        r = rank_p[rk] if rk else cfg.r
-        return r, cfg.scaling(r, alpha_p[ak] if ak else cfg.alpha)
-
-    def take(key: str, shape: tuple[int, ...]) -> Tensor:
-        if key not in tensors:
-            raise ValueError(f"{folder}: no weight {PREFIX}{key} for a targeted module")
-        t = tensors.pop(key)
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{folder}: {PREFIX}{key} has shape {tuple(t.shape)}, this model needs {shape} "
-                             f"(rank or model size differs)")
-        return t
-
-    paths = _resolve_targets(model, cfg.targets)
-    plan: dict[str, tuple[int, float, Tensor, Tensor]] = {}
-    for p in paths:
-        lin = model.get_submodule(p)
-        name = p.rsplit(".", 1)[-1]
-        split = [p[: -len(name)] + part for part in FUSED.get(name, ())]
-        if f"{p}.lora_A.weight" in tensors or not any(f"{q}.lora_A.weight" in tensors for q in split):
-            r, s = rank_scale(p)
-            A = take(f"{p}.lora_A.weight", (r, lin.in_features))
-            plan[p] = (r, s, A, take(f"{p}.lora_B.weight", (lin.out_features, r)))
-            continue
-        # Split adapter, fused model: sum_i s_i B_i A_i = s_0 * blockdiag(B_i s_i/s_0) @ [A_0; A_1; ...],
-        # exact with rank r_q + r_k + r_v. A part missing from the adapter gets zero rows of B.
-        parts, s0 = [], None
-        for q, rows in zip(split, _split_sizes(model, name)):
-            if f"{q}.lora_A.weight" not in tensors:
-                parts.append((rows, None, None))
-                continue
-            r, s = rank_scale(q)
-            s0 = s if s0 is None else s0
-            A = take(f"{q}.lora_A.weight", (r, lin.in_features)).float()
-            parts.append((rows, A, take(f"{q}.lora_B.weight", (rows, r)).float() * (s / s0)))
-        A = torch.cat([a for _, a, _ in parts if a is not None])  # (sum r_i, in)
-        B = torch.zeros(lin.out_features, A.shape[0])  # (out, sum r_i), block-diagonal
-        row = col = 0
-        for rows, a, b in parts:
-            if a is not None:
-                B[row:row + rows, col:col + a.shape[0]] = b
-                col += a.shape[0]
-            row += rows
-        plan[p] = (A.shape[0], s0, A, B)
-
-    _wrap(model, list(plan), cfg, {p: (r, s) for p, (r, s, _, _) in plan.items()})
-    with torch.no_grad():
-        for p, (_, _, A, B) in plan.items():
-            m = model.get_submodule(p)
-            m.lora_A.weight.copy_(A)
-            m.lora_B.weight.copy_(B)
-    _load_token_rows(model, config.get("trainable_token_indices"), tensors, take, folder)
-    if tensors:
-        raise ValueError(f"{folder}: weights not used by this model: {sorted(PREFIX + k for k in tensors)[:10]} "
-                         f"(target_modules {config['target_modules']!r})")
-    model.lora_config = cfg
-    _freeze_all_but_adapters(model)
-    if verbose:
-        _print_trainable(model)
-    return model
-
-
-def _load_token_rows(model: nn.Module, indices, tensors: dict, take, folder: Path) -> None:
-    """PEFT's trainable_token_indices: a list (the embedding) or {"embed_tokens": [...], "lm_head": [...]}."""
-    if not indices:
-        return
-    if isinstance(indices, list):
-        indices = {"embed_tokens": indices}
-    if set(indices) - {"embed_tokens", "lm_head"} or "embed_tokens" not in indices:
-        raise ValueError(f"{folder}: trainable_token_indices {sorted(indices)} not supported; "
-                         "valid modules: embed_tokens (and lm_head with the same ids)")
-    ids = list(indices["embed_tokens"])
-    if indices.get("lm_head", ids) != ids:
-        raise ValueError(f"{folder}: lm_head token ids {indices['lm_head']} differ from embed_tokens ids {ids}")
-    rows = model.model.embed_tokens.weight.shape[0]
-    if max(ids) >= rows:  # the base checkpoint predates the new tokens: grow it
-        _resize_rows(model, max(ids) + 1, mean_of=rows)
-    H = model.config.hidden_size
-    emb_rows = take(f"model.embed_tokens.{TOKEN_KEY}", (len(ids), H))
-    tied = model.lm_head.weight is model.model.embed_tokens.weight
-    head_rows = None
-    if not tied:
-        key = f"lm_head.{TOKEN_KEY}"
-        head_rows = take(key, (len(ids), H)) if key in tensors else model.lm_head.weight[ids].detach()
-    _set_token_rows(model, ids, emb_rows, head_rows)

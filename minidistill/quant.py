@@ -2,16 +2,19 @@
 
 `quantize_nf4` reproduces `bitsandbytes.functional.quantize_4bit(quant_type="nf4")` code for
 code (as bnb computes it on CPU), `dequantize_nf4` decodes with the Triton kernel on CUDA and
-the torch reference elsewhere, and `nf4_state_from_bnb_tensors` / `nf4_state_to_bnb_tensors`
-read and write the keys of pre-quantized "-bnb-4bit" checkpoints. `NF4Linear` is the frozen
+a byte -> two-values lookup table elsewhere (`nf4_matmul_weight`: the same for one matmul, into
+a reused buffer), and `nf4_state_from_bnb_tensors` / `nf4_state_to_bnb_tensors` read and write
+the keys of pre-quantized "-bnb-4bit" checkpoints. `NF4Linear` is the frozen
 4-bit base (QLoRA's LoRA layer over it is lora.NF4LoRALinear); the helpers at the end decide
-what `checkpoint.load_model` quantizes. Format: reference/nf4.md.
+what `loader.load_model` quantizes.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import math
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
@@ -137,13 +140,35 @@ def quantize_nf4(
 def dequantize_nf4(
     packed: torch.Tensor, state: NF4State, dtype: torch.dtype | None = None
 ) -> torch.Tensor:
-    """Decode to `dtype` (default: the original weight's): Triton on CUDA, torch elsewhere."""
+    """Decode to `dtype` (default: the original weight's), a new tensor: Triton on CUDA, the
+    lookup-table torch path elsewhere (both bit-identical to the reference)."""
     from minidistill.kernels import nf4 as _nf4
 
     dtype = state.dtype if dtype is None else dtype
     if packed.is_cuda and _nf4.triton is not None:
-        return _nf4.dequantize_nf4(packed, state, dtype)
-    return _nf4.dequantize_nf4_reference(packed, state, dtype)
+        return _nf4.dequantize_nf4_triton(packed, state, dtype)
+    return _nf4.dequantize_nf4_lut(packed, state, dtype)
+
+
+_scratch = threading.local()  # per thread: {(device, dtype): flat buffer}
+
+
+def nf4_matmul_weight(packed: torch.Tensor, state: NF4State, dtype: torch.dtype) -> torch.Tensor:
+    """The decoded weight for ONE matmul, to be used at once and never kept: off CUDA it lives in
+    a per-thread buffer that the next decode overwrites. A large fresh tensor per call costs page
+    faults on the CPU (freed to the OS and touched again each time); CUDA's caching allocator
+    makes the kernel's own allocation cheap, so there it is a new tensor."""
+    from minidistill.kernels import nf4 as _nf4
+
+    if packed.is_cuda and _nf4.triton is not None:
+        return _nf4.dequantize_nf4_triton(packed, state, dtype)
+    bufs = getattr(_scratch, "bufs", None)
+    if bufs is None:
+        bufs = _scratch.bufs = {}
+    n, key = math.prod(state.shape), (packed.device, dtype)
+    if key not in bufs or bufs[key].numel() < n:
+        bufs[key] = torch.empty(n, dtype=dtype, device=packed.device)
+    return _nf4.dequantize_nf4_lut(packed, state, dtype, out=bufs[key][:n])
 
 
 # ---- pre-quantized "-bnb-4bit" checkpoints ------------------------------------------------
@@ -205,14 +230,14 @@ class _NF4Matmul(torch.autograd.Function):
                 bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(packed)
         ctx.state = state
-        return F.linear(x, dequantize_nf4(packed, state, x.dtype), bias)
+        return F.linear(x, nf4_matmul_weight(packed, state, x.dtype), bias)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (packed,) = ctx.saved_tensors
         grad_x = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ dequantize_nf4(packed, ctx.state, grad_out.dtype)  # (..., in)
+            grad_x = grad_out @ nf4_matmul_weight(packed, ctx.state, grad_out.dtype)  # (..., in)
         if ctx.needs_input_grad[3]:  # only if someone unfroze the bias
             grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         return grad_x, None, None, grad_b

@@ -7,17 +7,9 @@ import torch
 
 import minidistill as md
 from minidistill.export import parse_size
-from model_fixtures import CONFIGS, write_checkpoint
+from model_fixtures import CONFIGS, ids, rel_err, write_checkpoint
 
 transformers = pytest.importorskip("transformers")
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
-def ids(n: int = 12, batch: int = 2) -> torch.Tensor:
-    return torch.randint(0, 96, (batch, n), generator=torch.Generator().manual_seed(1))
 
 
 def lora_model(folder, **cfg) -> md.Transformer:

@@ -1,79 +1,17 @@
-"""LoRA layers and adapters, with PEFT + transformers as the oracle in both directions."""
-
-import json
+"""lora.py: LoRA layers, apply / merge, and the LoRA branch's autograd function against a plain
+reference (values and gradients, LoRA and NF4 bases, fp32 and bf16 autocast)."""
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 import minidistill as md
-from minidistill.lora import LoRALinear
-from model_fixtures import CONFIGS, write_checkpoint
+from minidistill.lora import LoRALinear, NF4LoRALinear
+from minidistill.quant import NF4Linear
+from model_fixtures import CONFIGS, ids, ours, randomise_lora, rel_err, write_checkpoint
 
 transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
-
-SEVEN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-PEFT_TARGETS = {"phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"], "llama": list(SEVEN), "qwen2": list(SEVEN)}
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
-def ids(n: int = 12, batch: int = 2, vocab: int = 96) -> torch.Tensor:
-    return torch.randint(0, vocab, (batch, n), generator=torch.Generator().manual_seed(1))
-
-
-def randomise_lora(module: torch.nn.Module, seed: int = 3) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if "lora_B" in name or "lora_A" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-
-
-def ours(folder) -> md.Transformer:
-    return md.load_model(folder, dtype=torch.float32)
-
-
-CASES = [(n, rs) for n in ("llama3", "qwen2", "phi3.5", "phi4-mini") for rs in (False, True)]
-
-
-@pytest.mark.parametrize("name,rslora", CASES, ids=[f"{n}-{'rs' if r else 'plain'}" for n, r in CASES])
-def test_our_adapter_loads_in_peft(tmp_path, capsys, name, rslora):
-    ref = write_checkpoint(tmp_path / "base", name)
-    model = md.apply_lora(ours(tmp_path / "base"), md.LoraConfig(r=4, alpha=8, use_rslora=rslora))
-    assert "trainable params:" in capsys.readouterr().out
-    randomise_lora(model)
-    md.save_adapter(model, tmp_path / "adapter")
-    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert cfg["base_model_name_or_path"] == str(tmp_path / "base") and cfg["use_rslora"] == rslora
-    assert cfg["target_modules"] == sorted(PEFT_TARGETS[CONFIGS[name]["model_type"]])
-    peft_model = peft.PeftModel.from_pretrained(ref, tmp_path / "adapter").eval()
-    x = ids()
-    with torch.no_grad():
-        want, got = peft_model(x).logits, model(x)
-        assert rel_err(got, want) <= 1e-4
-        with peft_model.disable_adapter():
-            assert rel_err(peft_model(x).logits, want) > 1e-2  # the adapter does something
-
-
-@pytest.mark.parametrize("name,rslora", CASES, ids=[f"{n}-{'rs' if r else 'plain'}" for n, r in CASES])
-def test_peft_adapter_loads_here(tmp_path, name, rslora):
-    ref = write_checkpoint(tmp_path / "base", name)
-    x = ids()
-    with torch.no_grad():
-        base_logits = ref(x).logits
-    pcfg = peft.LoraConfig(r=4, lora_alpha=8, use_rslora=rslora, task_type="CAUSAL_LM",
-                           target_modules=PEFT_TARGETS[CONFIGS[name]["model_type"]])
-    peft_model = peft.get_peft_model(ref, pcfg)
-    randomise_lora(peft_model)  # B = 0 would make every adapter look right
-    peft_model.save_pretrained(tmp_path / "adapter")
-    model = md.load_adapter(ours(tmp_path / "base"), tmp_path / "adapter")
-    with torch.no_grad():
-        want, got = peft_model.eval()(x).logits, model(x)
-    assert rel_err(want, base_logits) > 1e-2  # the adapter does something
-    assert rel_err(got, want) <= 1e-4
 
 
 def test_zero_b_changes_nothing_and_only_lora_trains(tmp_path):
@@ -120,85 +58,6 @@ def test_fused_mapping_and_unknown_target(tmp_path):
     assert len([m for m in model.modules() if isinstance(m, LoRALinear)]) == 4 * CONFIGS["phi4-mini"]["num_hidden_layers"]
 
 
-@pytest.mark.parametrize("rslora", [False, True])
-def test_split_adapter_fuses_back_exactly(tmp_path, rslora):
-    ref = write_checkpoint(tmp_path / "base", "phi3.5")
-    model = md.apply_lora(ours(tmp_path / "base"), md.LoraConfig(r=4, alpha=8, use_rslora=rslora))
-    randomise_lora(model)
-    md.save_adapter(model, tmp_path / "split", split_fused=True)
-    cfg = json.loads((tmp_path / "split" / "adapter_config.json").read_text())
-    assert cfg["target_modules"] == sorted(SEVEN)
-    x = ids()
-    with torch.no_grad():
-        want = model(x)
-    fused = md.load_adapter(ours(tmp_path / "base"), tmp_path / "split")
-    qkv = fused.model.layers[0].self_attn.qkv_proj
-    assert qkv.r == 12 and fused.model.layers[0].mlp.gate_up_proj.r == 8  # r_q + r_k + r_v, r_gate + r_up
-    with torch.no_grad():
-        assert rel_err(fused(x), want) <= 1e-5
-    # Saved again, the rank-3r modules go through rank_pattern / alpha_pattern, which PEFT reads.
-    md.save_adapter(fused, tmp_path / "again")
-    cfg = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
-    assert set(cfg["rank_pattern"].values()) == {12, 8}
-    peft_model = peft.PeftModel.from_pretrained(ref, tmp_path / "again").eval()
-    with torch.no_grad():
-        assert rel_err(peft_model(x).logits, want) <= 1e-4
-
-
-def test_peft_q_v_adapter_fuses_into_phi3(tmp_path):
-    # PEFT's classic llama default (q_proj, v_proj), written for a split layout, into a fused model:
-    # build it from our own fused LoRA, keep q and v only, and compare with the same zero k.
-    write_checkpoint(tmp_path / "base", "phi4-mini")
-    model = md.apply_lora(ours(tmp_path / "base"), md.LoraConfig(r=4, alpha=8, targets=("q_proj", "k_proj", "v_proj")))
-    randomise_lora(model)
-    q_out = CONFIGS["phi4-mini"]["num_attention_heads"] * 16
-    kv_out = CONFIGS["phi4-mini"]["num_key_value_heads"] * 16
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.qkv_proj.lora_B.weight[q_out:q_out + kv_out] = 0  # no k update
-    md.save_adapter(model, tmp_path / "split", split_fused=True)
-    from safetensors.torch import load_file, save_file
-
-    f = tmp_path / "split" / "adapter_model.safetensors"
-    save_file({k: v for k, v in load_file(f).items() if ".k_proj." not in k}, f)
-    c = json.loads((tmp_path / "split" / "adapter_config.json").read_text())
-    c["target_modules"] = ["q_proj", "v_proj"]
-    (tmp_path / "split" / "adapter_config.json").write_text(json.dumps(c))
-    x = ids()
-    fused = md.load_adapter(ours(tmp_path / "base"), tmp_path / "split")
-    assert fused.model.layers[0].self_attn.qkv_proj.r == 8
-    with torch.no_grad():
-        assert rel_err(fused(x), model(x)) <= 1e-5
-
-
-def test_load_errors(tmp_path):
-    write_checkpoint(tmp_path / "llama", "llama3")
-    write_checkpoint(tmp_path / "tied", "llama3-tied")
-    model = md.apply_lora(ours(tmp_path / "llama"), md.LoraConfig(r=4, targets=("q_proj", "o_proj")))
-    md.save_adapter(model, tmp_path / "a")
-    with pytest.raises(ValueError, match="already has LoRA"):
-        md.load_adapter(model, tmp_path / "a")
-    # Same shapes, another folder: base_model_name_or_path differs -> a warning, not an error.
-    with pytest.warns(UserWarning, match="trained on"):
-        md.load_adapter(ours(tmp_path / "tied"), tmp_path / "a")
-    cfg_file = tmp_path / "a" / "adapter_config.json"
-    cfg = json.loads(cfg_file.read_text())
-    cfg_file.write_text(json.dumps(dict(cfg, r=8)))
-    with pytest.raises(ValueError, match=r"q_proj\.lora_A\.weight has shape \(4, 64\).*\(8, 64\)"):
-        md.load_adapter(ours(tmp_path / "llama"), tmp_path / "a")
-    cfg_file.write_text(json.dumps(dict(cfg, target_modules=["q_proj"])))
-    with pytest.raises(ValueError, match="not used.*o_proj"):
-        md.load_adapter(ours(tmp_path / "llama"), tmp_path / "a")
-    cfg_file.write_text(json.dumps(dict(cfg, target_modules=["q_proj", "qkv_proj"])))
-    with pytest.raises(ValueError, match="'qkv_proj' not found"):
-        md.load_adapter(ours(tmp_path / "llama"), tmp_path / "a")
-    cfg_file.write_text(json.dumps(dict(cfg, use_dora=True)))
-    with pytest.raises(ValueError, match="use_dora"):
-        md.load_adapter(ours(tmp_path / "llama"), tmp_path / "a")
-    with pytest.raises(FileNotFoundError, match="adapter_model.safetensors"):
-        md.load_adapter(ours(tmp_path / "llama"), tmp_path / "nowhere")
-
-
 def test_dropout_only_in_training(tmp_path):
     write_checkpoint(tmp_path, "llama3")
     model = md.apply_lora(ours(tmp_path), md.LoraConfig(r=4, dropout=0.5), verbose=False)
@@ -212,95 +71,6 @@ def test_dropout_only_in_training(tmp_path):
         assert not torch.allclose(model(x), a)
 
 
-# ---------------------------------------------------------------- new tokens
-
-THINK = ["<think>", "</think>"]
-
-
-def model_and_tok(tmp_path, name: str, family: str, pad: int = 0):
-    """A checkpoint whose vocabulary fits the family's test tokenizer (plus `pad` spare rows)."""
-    tok_fixtures = pytest.importorskip("tok_fixtures")
-    from minidistill.tokenizer import Tokenizer
-
-    tok_fixtures.write_tokenizer(family, tmp_path / "base")
-    n = len(Tokenizer.from_dir(tmp_path / "base"))
-    ref = write_checkpoint(tmp_path / "base", name, vocab_size=n + pad)
-    return ref, ours(tmp_path / "base"), Tokenizer.from_dir(tmp_path / "base")
-
-
-def think_ids(tok, n: int = 10) -> torch.Tensor:
-    x = ids(n, vocab=50)
-    x[:, 2], x[:, 6] = tok.token_to_id("<think>"), tok.token_to_id("</think>")
-    return x
-
-
-@pytest.mark.parametrize("name,family", [("llama3", "llama-3.1"), ("llama3-tied", "llama-3.2")])
-def test_add_tokens_grows_and_trains_only_new_rows(tmp_path, name, family):
-    _, model, tok = model_and_tok(tmp_path, name, family)
-    rows = model.model.embed_tokens.weight.shape[0]
-    mean = model.model.embed_tokens.weight[:rows].mean(0)
-    assert md.add_tokens(model, tok, THINK) == THINK
-    assert md.add_tokens(model, tok, THINK) == []  # already there: nothing added
-    new = [tok.token_to_id(t) for t in THINK]
-    assert model.model.embed_tokens.weight.shape[0] == len(tok) == rows + 2 == model.config.vocab_size
-    assert model.config.raw["vocab_size"] == len(tok) and model.lm_head.weight.shape[0] == len(tok)
-    assert (model.lm_head.weight is model.model.embed_tokens.weight) == CONFIGS[name]["tie_word_embeddings"]
-    assert torch.allclose(model.model.embed_tokens.new_rows, mean.expand(2, -1), atol=1e-6)
-    md.apply_lora(model, md.LoraConfig(r=4), verbose=False)
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert "model.embed_tokens.new_rows" in trainable
-    assert all("lora_" in n or n.endswith("new_rows") for n in trainable)
-    model(think_ids(tok)).logsumexp(-1).sum().backward()
-    assert model.model.embed_tokens.weight.grad is None
-    assert model.model.embed_tokens.new_rows.grad.abs().sum(-1).gt(0).all()
-    assert model(think_ids(tok)).shape[-1] == len(tok) and max(new) == len(tok) - 1
-
-
-def test_add_tokens_only_absent_and_reuses_padded_rows(tmp_path):
-    _, model, tok = model_and_tok(tmp_path, "phi4-mini", "phi-4-mini", pad=8)  # Phi-4-mini: 200064 rows > tokens
-    rows = model.model.embed_tokens.weight.shape[0]
-    assert md.add_tokens(model, tok, ["<|end|>", *THINK]) == THINK  # <|end|> exists already
-    assert model.model.embed_tokens.weight.shape[0] == rows == model.config.vocab_size
-    assert len(tok) == rows - 6
-
-
-@pytest.mark.parametrize("name,family", [("llama3", "llama-3.1"), ("llama3-tied", "llama-3.2"), ("phi4-mini", "phi-4-mini")])
-def test_new_tokens_round_trip_and_peft(tmp_path, name, family):
-    ref, model, tok = model_and_tok(tmp_path, name, family)
-    md.add_tokens(model, tok, THINK)
-    md.apply_lora(model, md.LoraConfig(r=4, alpha=8), verbose=False)
-    randomise_lora(model)
-    with torch.no_grad():  # trained rows differ from their mean initialisation
-        model.model.embed_tokens.new_rows.normal_(0, 0.2)
-        if model.lm_head.new_rows is not model.model.embed_tokens.new_rows:
-            model.lm_head.new_rows.normal_(0, 0.2)
-    md.save_adapter(model, tmp_path / "adapter")
-    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    new = [tok.token_to_id(t) for t in THINK]
-    assert cfg["trainable_token_indices"]["embed_tokens"] == new
-    x = think_ids(tok)
-    with torch.no_grad():
-        want = model(x)
-    # Into a base model that has never seen the tokens: the rows grow on load.
-    again = md.load_adapter(ours(tmp_path / "base"), tmp_path / "adapter")
-    with torch.no_grad():
-        assert rel_err(again(x), want) <= 1e-6
-    # PEFT, after the usual resize_token_embeddings of the base model.
-    ref.resize_token_embeddings(len(tok))
-    peft_model = peft.PeftModel.from_pretrained(ref, tmp_path / "adapter").eval()
-    with torch.no_grad():
-        assert rel_err(peft_model(x).logits, want) <= 1e-4
-    # Merged export: vocab_size updated, tokenizer written, transformers agrees.
-    md.merge_lora(again)
-    md.save_model(again, tmp_path / "merged", tokenizer=tok)
-    out = tmp_path / "merged"
-    assert json.loads((out / "config.json").read_text())["vocab_size"] == len(tok)
-    assert (out / "tokenizer.json").exists()
-    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    with torch.no_grad():
-        assert rel_err(hf(x).logits, want) <= 1e-4
-
-
 def test_lora_weights_are_fp32_in_a_bf16_model(tmp_path):
     write_checkpoint(tmp_path, "llama3")
     model = md.load_model(tmp_path, dtype=torch.bfloat16)
@@ -312,3 +82,170 @@ def test_lora_weights_are_fp32_in_a_bf16_model(tmp_path):
         model.model.layers[0].self_attn.q_proj.lora_B.weight.normal_()
     out = model(torch.tensor([[1, 2, 3]]))
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+# ---------------------------------------------------------------- the LoRA branch (_LoRAFunction)
+
+
+def make_layer(kind: str, in_f: int = 48, out_f: int = 40, r: int = 4, dropout: float = 0.0,
+               seed: int = 0, dtype: torch.dtype = torch.float32) -> LoRALinear:
+    """A LoRA layer over a dense or NF4 base with random A and B (B = 0 would hide mistakes)."""
+    torch.manual_seed(seed)
+    base = nn.Linear(in_f, out_f).to(dtype)
+    m = (NF4LoRALinear(NF4Linear.from_linear(base, blocksize=32), r, 0.75, dropout) if kind == "nf4"
+         else LoRALinear(base, r, 0.75, dropout))
+    randomise_lora(m, seed + 1)
+    return m
+
+
+def plain_reference(m: LoRALinear, x: torch.Tensor) -> torch.Tensor:
+    """base(x) + B(A(dropout(x))) * s in plain autograd ops (autocast, if on, casts as usual)."""
+    w = m.dequantize(torch.float32) if isinstance(m, NF4LoRALinear) else m.weight
+    return F.linear(x, w, m.bias) + F.linear(F.linear(m.dropout(x), m.lora_A.weight), m.lora_B.weight) * m.scaling
+
+
+def values_and_grads(fn, mods, x, g):
+    """Outputs of fn(x) and the gradients of x, every A and B, for output gradients g."""
+    x = x.detach().clone().requires_grad_(True)
+    for m in mods:
+        m.zero_grad(set_to_none=True)
+    outs = fn(x)
+    torch.autograd.backward(outs, g)
+    grads = [x.grad] + [p.grad.clone() for m in mods for p in (m.lora_A.weight, m.lora_B.weight)]
+    return [o.detach().float() for o in outs], [t.float() for t in grads]
+
+
+def max_rel(got: list, want: list) -> float:
+    return max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("kind", ["dense", "nf4"])
+def test_lora_branch_matches_plain_reference_fp32(kind):
+    m = make_layer(kind)
+    x, g = torch.randn(3, 5, 48), torch.randn(3, 5, 40)
+    got = values_and_grads(lambda x: [m(x)], [m], x, [g])
+    want = values_and_grads(lambda x: [plain_reference(m, x)], [m], x, [g])
+    assert max_rel(got[0] + got[1], want[0] + want[1]) <= 1e-5
+    assert all(p.grad.dtype == torch.float32 for p in (m.lora_A.weight, m.lora_B.weight))
+    assert m.weight.grad is None and m.bias.grad is None  # the base stays frozen
+
+
+@pytest.mark.parametrize("kind", ["dense", "nf4"])
+def test_lora_branch_bf16_autocast_within_bf16_error(kind):
+    # Autocast with fp32 weights and input (the cast happens inside): ours must be as close to
+    # the fp32 truth as the plain reference under the same autocast (STYLE: <= 2x its error).
+    m = make_layer(kind)
+    x, g = torch.randn(4, 7, 48), torch.randn(4, 7, 40)
+    truth = values_and_grads(lambda x: [plain_reference(m, x)], [m], x, [g])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = values_and_grads(lambda x: [m(x)], [m], x, [g.bfloat16()])
+        ref = values_and_grads(lambda x: [plain_reference(m, x)], [m], x, [g.bfloat16()])
+    for ours, theirs, t in zip(got[0] + got[1], ref[0] + ref[1], truth[0] + truth[1]):
+        err, ref_err = max_rel([ours], [t]), max_rel([theirs], [t])
+        assert err <= 2 * ref_err + 1e-3, (err, ref_err)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert m(x).dtype == torch.bfloat16
+
+
+def test_lora_branch_with_dropout_matches_reference():
+    m = make_layer("dense", dropout=0.3).train()
+    x, g = torch.randn(3, 5, 48), torch.randn(3, 5, 40)
+    torch.manual_seed(7)
+    got = values_and_grads(lambda x: [m(x)], [m], x, [g])
+    torch.manual_seed(7)  # the same mask
+    want = values_and_grads(lambda x: [plain_reference(m, x)], [m], x, [g])
+    assert max_rel(got[0] + got[1], want[0] + want[1]) <= 1e-5
+    no_drop = values_and_grads(lambda x: [plain_reference(m.eval(), x)], [m], x, [g])
+    assert max_rel(got[0], no_drop[0]) > 1e-3  # the dropout did something
+
+
+def group(kinds=("dense", "nf4", "dense"), ranks=(4, 2, 6), outs=(40, 24, 24), **kw) -> list[LoRALinear]:
+    return [make_layer(k, out_f=o, r=r, seed=10 * i, **kw) for i, (k, r, o) in enumerate(zip(kinds, ranks, outs))]
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_group_forward_equals_separate_calls(autocast):
+    mods = group()  # q/k/v-like: different ranks and widths, one NF4 base among them
+    x = torch.randn(2, 6, 48)
+    g = [torch.randn(2, 6, o) for o in (40, 24, 24)]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        if autocast:
+            g = [t.bfloat16() for t in g]
+        fused = values_and_grads(lambda x: LoRALinear.group_forward(x, mods), mods, x, g)
+        separate = values_and_grads(lambda x: [m(x) for m in mods], mods, x, g)
+    tol = 1e-2 if autocast else 1e-6
+    assert max_rel(fused[0] + fused[1], separate[0] + separate[1]) <= tol
+    truth = values_and_grads(lambda x: [plain_reference(m, x) for m in mods], mods, x, g)
+    assert max_rel(fused[0] + fused[1], [t.float() for t in truth[0] + truth[1]]) <= (2e-2 if autocast else 1e-5)
+
+
+def test_group_forward_falls_back_for_mixed_groups():
+    x = torch.randn(2, 3, 48)
+    plain = nn.Linear(48, 8)
+    mods = [make_layer("dense"), plain]
+    outs = LoRALinear.group_forward(x, mods)
+    assert torch.allclose(outs[0], plain_reference(mods[0], x), atol=1e-6) and torch.equal(outs[1], plain(x))
+    drop = group(dropout=0.5)
+    for m in drop:
+        m.train()
+    torch.manual_seed(3)
+    outs = LoRALinear.group_forward(x, drop)
+    torch.manual_seed(3)
+    assert all(torch.equal(a, m(x)) for a, m in zip(outs, drop))  # one mask per layer, as PEFT
+
+
+def test_group_saves_the_input_once_and_nothing_weight_sized():
+    # bf16 weights under autocast, as on a GPU: what is kept for backward is x (once, for the
+    # A gradient) and x @ A^T (r wide); the frozen bases keep no input and no weight copy.
+    mods = group(dtype=torch.bfloat16)
+    x = torch.randn(2, 6, 48, dtype=torch.bfloat16, requires_grad=True)
+    params = {p.untyped_storage().data_ptr() for m in mods for p in [*m.parameters(), *m.buffers()]}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs = LoRALinear.group_forward(x, mods)
+    activations = {t.untyped_storage().data_ptr(): t for t in saved if t.untyped_storage().data_ptr() not in params}
+    shapes = sorted(tuple(t.shape) for t in activations.values())
+    assert shapes == [(2, 6, 12), (2, 6, 48)]  # a = x @ [A_q; A_k; A_v]^T (r 4 + 2 + 6), and x itself
+    assert x.untyped_storage().data_ptr() in activations
+    sum(o.float().sum() for o in outs).backward()
+    assert all(m.lora_A.weight.grad.dtype == torch.float32 for m in mods)
+
+
+def test_lora_model_gradients_match_plain_reference(tmp_path):
+    # The whole model (q/k/v and gate/up grouped by the model's linear_group) against plain modules.
+    write_checkpoint(tmp_path, "qwen2")
+    model = md.apply_lora(ours(tmp_path), md.LoraConfig(r=4, alpha=8), verbose=False)
+    randomise_lora(model)
+    x = ids()
+    loss = model(x).logsumexp(-1).mean()
+    loss.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    for n, m in model.named_modules():  # swap every LoRA layer for the plain reference
+        if isinstance(m, LoRALinear):
+            m.forward = (lambda m: lambda x: plain_reference(m, x))(m)
+            m.group_forward = None
+    model.zero_grad(set_to_none=True)
+    want_loss = model(x).logsumexp(-1).mean()
+    want_loss.backward()
+    assert torch.allclose(loss, want_loss, rtol=1e-6)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, quantize):
+    write_checkpoint(tmp_path, "llama3")
+    model = md.apply_lora(md.load_model(tmp_path, dtype=torch.float32, quantize=quantize),
+                          md.LoraConfig(r=4, alpha=8), verbose=False).train()
+    randomise_lora(model)
+    grads = []
+    for ckpt in (False, True):
+        model.gradient_checkpointing = ckpt
+        model.zero_grad(set_to_none=True)
+        model(ids()).logsumexp(-1).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert len(grads[0]) == 2 * 7 * CONFIGS["llama3"]["num_hidden_layers"]
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=0, atol=0, msg=n)

@@ -7,13 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minidistill.kernels.nf4 import dequantize_nf4 as dequantize_nf4_triton
-from minidistill.kernels.nf4 import dequantize_nf4_reference
+from minidistill.kernels import nf4 as kernels_nf4
+from minidistill.kernels.nf4 import dequantize_nf4_lut, dequantize_nf4_reference, dequantize_nf4_triton
 from minidistill.quant import (
     NF4_CODE,
     NF4Linear,
     dequantize_nf4,
     dynamic_map,
+    nf4_matmul_weight,
     nf4_state_from_bnb_tensors,
     nf4_state_to_bnb_tensors,
     quantize_nf4,
@@ -76,6 +77,42 @@ def test_kernel_rejects_bad_inputs():
         dequantize_nf4_triton(packed[:100], state, torch.float32)
     with pytest.raises(ValueError, match="must be uint8"):
         dequantize_nf4_triton(packed.to(torch.int16), state, torch.float32)
+
+
+# ---- lookup-table torch path == reference -------------------------------------------------------
+@pytest.mark.parametrize("compress_statistics", [True, False])
+@pytest.mark.parametrize("blocksize", [32, 64, 256])
+def test_lut_matches_reference_bitwise(monkeypatch, blocksize, compress_statistics):
+    # A small chunk so that several passes, and a ragged last one, are exercised.
+    monkeypatch.setattr(kernels_nf4, "_CHUNK", 4 * blocksize)
+    for shape in ODD_SHAPES:
+        packed, state = quantize_nf4(_weight(shape, seed=blocksize), blocksize, compress_statistics)
+        for dtype in OUT_DTYPES:
+            want = dequantize_nf4_reference(packed, state, dtype)
+            got = dequantize_nf4_lut(packed, state, dtype)
+            assert got.shape == shape and got.dtype == dtype
+            assert torch.equal(got, want), f"{shape} blocksize {blocksize} {dtype}"
+            out = torch.full((math.prod(shape),), float("nan"), dtype=dtype)  # a reused, dirty buffer
+            assert torch.equal(dequantize_nf4_lut(packed, state, dtype, out=out), want)
+
+
+def test_lut_ties_zeros_and_bad_out():
+    packed, state = quantize_nf4(_ties_and_zeros(64), 64)
+    assert torch.equal(dequantize_nf4_lut(packed, state, torch.float32),
+                       dequantize_nf4_reference(packed, state, torch.float32))
+    with pytest.raises(ValueError, match="out must be a contiguous torch.bfloat16 tensor"):
+        dequantize_nf4_lut(packed, state, torch.bfloat16, out=torch.empty(7, dtype=torch.bfloat16))
+
+
+def test_matmul_weight_reuses_one_buffer_per_dtype():
+    big, sb = quantize_nf4(_weight((40, 96)), 32)
+    small, ss = quantize_nf4(_weight((8, 64), seed=1), 32)
+    w1 = nf4_matmul_weight(big, sb, torch.float32)
+    assert torch.equal(w1, dequantize_nf4(big, sb, torch.float32))
+    ptr = w1.untyped_storage().data_ptr()
+    w2 = nf4_matmul_weight(small, ss, torch.float32)  # fits: same memory, the old values overwritten
+    assert w2.untyped_storage().data_ptr() == ptr and torch.equal(w2, dequantize_nf4(small, ss, torch.float32))
+    assert nf4_matmul_weight(small, ss, torch.bfloat16).untyped_storage().data_ptr() != ptr
 
 
 # ---- quantizer == bitsandbytes ---------------------------------------------------------------

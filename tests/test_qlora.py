@@ -12,28 +12,12 @@ from torch import nn
 import minidistill as md
 from minidistill.lora import LoRALinear, NF4LoRALinear
 from minidistill.quant import NF4Linear, quantize_nf4
-from model_fixtures import CONFIGS, write_checkpoint
+from model_fixtures import CONFIGS, ids, randomise_lora, rel_err, write_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
 F32 = torch.float32
 NF4_KEYS = {"weight", "absmax", "code", "nested_absmax", "nested_code", "offset"}
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
-
-
-def ids(n: int = 12, batch: int = 2, vocab: int = 96, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, vocab, (batch, n), generator=torch.Generator().manual_seed(seed))
-
-
-def randomise_lora(model: nn.Module, seed: int = 3) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_A" in name or "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
 
 
 def block_modules(model: nn.Module) -> dict[str, nn.Module]:
