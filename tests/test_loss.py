@@ -245,3 +245,166 @@ def test_bad_shapes_fail_with_values():
         chunked_cross_entropy(hidden, weight, labels[:, :10])
     with pytest.raises(ValueError, match="head_weight"):
         chunked_cross_entropy(hidden, weight[:, :8], labels)
+
+
+# ---------------------------------------------------------------------------- issue 13: chunk sizing, positions, fp16
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 3, 2), (2, 13, 5, 7), (3, 11, 16, 97)])  # (B, T, H, V)
+@pytest.mark.parametrize("chunk_size", [1, 3, None])
+def test_odd_shapes_match_full_logits(shape, chunk_size):
+    Bs, Ts, Hs, Vs = shape
+    hidden, weight, labels = _inputs(seed=7, B=Bs, T=Ts, H=Hs, V=Vs, frac_labelled=0.7)
+    labels.view(-1)[0] = 1  # at least one labelled position
+    weights = torch.rand(Bs, Ts, generator=torch.Generator().manual_seed(8)) + 0.5
+    out, gh, gw = _run_chunked(hidden, weight, labels, weights=weights, chunk_size=chunk_size)
+    ref, rgh, rgw = _run_reference(hidden, weight, labels, weights=weights)
+    _close(out.loss, ref.loss)
+    _close(gh, rgh)
+    _close(gw, rgw)
+
+
+def test_chunk_rows_from_budget():
+    from minidistill.chunked import chunk_rows
+
+    # Phi-4-mini: one fp32 (c, V) buffer, 200,064 * 4 + 3072 * 12 bytes a row -> 320 rows in 256 MiB;
+    # bf16 adds the compute-dtype logits (2 bytes) -> 216 rows -> 192 (multiples of 32).
+    assert chunk_rows(200064, 3072, torch.float32, buffers=1) == 320
+    assert chunk_rows(200064, 3072, torch.bfloat16, buffers=1) == 192
+    assert chunk_rows(200064, 3072, torch.float32, buffers=3) == 96  # KD keeps three: 110 -> 96
+    assert chunk_rows(200064, 3072, torch.float32, buffers=1, budget_mb=1024) == 1280
+    assert chunk_rows(200064, 3072, torch.float32, buffers=4, budget_mb=1) == 16  # floor
+    with pytest.raises(ValueError, match="chunk_budget_mb"):
+        chunk_rows(100, 8, torch.float32, buffers=1, budget_mb=0)
+
+
+def test_auto_chunk_keeps_transients_within_the_budget():
+    Bm, Tm = 4, 15  # N = 60 labelled positions
+    hidden, weight, labels = _inputs(B=Bm, T=Tm, frac_labelled=2.0)
+    budget_rows = 24  # fp32 budget of 24 rows (below 32: not rounded): 97 * 4 + 16 * 12 bytes each
+    budget_mb = budget_rows * (V * 4 + H * 12) / 2**20
+    h, w = _leaves(hidden, weight)
+    with _LargestAllocation() as mode:
+        out = chunked_cross_entropy(h, w, labels, chunk_budget_mb=budget_mb)
+        out.loss.backward()
+    assert (budget_rows, V) in mode.shapes and (60 % budget_rows, V) in mode.shapes
+    assert max(torch.Size(s).numel() for s in mode.shapes if V in s) == budget_rows * V
+    ref, rgh, _ = _run_reference(hidden, weight, labels)
+    _close(out.loss, ref.loss)
+    _close(h.grad, rgh)
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_positions_from_the_collator_skip_nonzero_and_give_the_same_result():
+    hidden, weight, labels = _inputs(seed=9)
+    weights = torch.rand(B, T, generator=torch.Generator().manual_seed(10))
+    positions = (labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)  # what the collator precomputes
+    runs = {}
+    for given in (False, True):
+        h, w = _leaves(hidden, weight)
+        with _OpCounter() as ops:
+            out = chunked_cross_entropy(h, w, labels, weights=weights, chunk_size=4, num_items=torch.tensor(30),
+                                        positions=positions if given else None)
+            out.loss.backward()
+        runs[given] = (out, h.grad, w.grad, ops.names)
+    (a, ah, aw, a_ops), (b, bh, bw, b_ops) = runs[False], runs[True]
+    assert "nonzero" in a_ops  # the counter sees the sync when positions are not given
+    assert "nonzero" not in b_ops and "_local_scalar_dense" not in b_ops and "item" not in b_ops
+    assert b.num_tokens == a.num_tokens == positions.numel()
+    _close(b.loss, a.loss, tol=0)
+    _close(bh, ah, tol=0)
+    _close(bw, aw, tol=0)
+
+
+def test_positions_must_be_integer_indices():
+    hidden, weight, labels = _inputs()
+    with pytest.raises(ValueError, match="1-D integer tensor"):
+        chunked_cross_entropy(hidden, weight, labels, positions=labels != IGNORE_INDEX)
+
+
+def _confident_fp16(seed=11, N=6, Hc=16, Vc=50, gap=25.0):
+    """fp16 rows whose label logit beats every other by ~gap nats: softmax - onehot is ~1e-11 per
+    entry, below fp16's smallest subnormal (6e-8), so a gradient cast to fp16 before the loss
+    scale is applied is exactly zero."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.linalg.qr(torch.randn(Hc, Hc, generator=g))[0][:N] * 3  # orthogonal rows: one label each
+    y = torch.randperm(Vc, generator=g)[:N]
+    w = torch.randn(Vc, Hc, generator=g) * 0.05
+    w[y] = h * (gap / h.pow(2).sum(-1, keepdim=True))
+    return h.half(), w.half(), y
+
+
+def test_fp16_tiny_gradient_survives_a_large_loss_scale():
+    h16, w16, y = _confident_fp16()
+    N = h16.shape[0]
+    scale = 2.0**20  # a GradScaler scale after many steps without overflow
+    # Reference in fp64 from the same fp16 logits the chunked loss computes.
+    logits = (h16 @ w16.t()).double()
+    dl = torch.softmax(logits, -1) - torch.nn.functional.one_hot(y, w16.shape[0]).double()  # (N, V)
+    assert (dl.half() == 0).all()  # cast before scaling, every entry vanishes
+    want_h = dl @ w16.double() * (scale / N)
+    want_w = dl.t() @ h16.double() * (scale / N)
+    for chunk in (4, None):
+        h, w = h16.clone().requires_grad_(), w16.clone().requires_grad_()
+        out = chunked_cross_entropy(h, w, y, chunk_size=chunk)
+        (out.loss * scale).backward()
+        assert h.grad.dtype == w.grad.dtype == torch.float16
+        assert (h.grad != 0).all()
+        torch.testing.assert_close(h.grad.double(), want_h, rtol=1e-2, atol=1e-3 * want_h.abs().max().item())
+        big = want_w.abs() > 1e-2 * want_w.abs().max()  # the head rows that carry the gradient
+        assert (w.grad[big] != 0).all()
+        torch.testing.assert_close(w.grad.double(), want_w, rtol=2e-2, atol=2e-3 * want_w.abs().max().item())
+
+
+def test_fp16_close_to_fp32_reference():
+    hidden, weight, labels = _inputs(seed=12, dtype=torch.float16)
+    out, gh, gw = _run_chunked(hidden, weight, labels, chunk_size=7)
+    assert out.loss.dtype == torch.float32 and gh.dtype == gw.dtype == torch.float16
+    ref, rgh, rgw = _run_reference(hidden, weight, labels)
+    torch.testing.assert_close(out.loss, ref.loss, atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(gh.float(), rgh, atol=1e-3, rtol=1e-2)
+    torch.testing.assert_close(gw.float(), rgw, atol=1e-3, rtol=1e-2)
+
+
+def test_ce_holds_one_chunk_buffer():
+    from torch.profiler import ProfilerActivity, profile
+
+    g = torch.Generator().manual_seed(13)
+    N, Hc, Vc, c = 128, 16, 2048, 32  # one (c, V) fp32 buffer = 256 KiB
+    h = torch.randn(N, Hc, generator=g).requires_grad_()
+    w = torch.randn(Vc, Hc, generator=g) / 4
+    y = torch.randint(0, Vc, (N,), generator=g)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        chunked_cross_entropy(h, w, y, chunk_size=c, positions=torch.arange(N)).loss.backward()
+    results = getattr(prof.profiler, "kineto_results", None)
+    if results is None:
+        pytest.skip("this torch's profiler exposes no memory events")
+    cur = peak = 0
+    for e in sorted((e for e in results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()):
+        cur += e.nbytes()
+        peak = max(peak, cur)
+    assert 1 <= peak / (c * Vc * 4) < 1.25, peak / (c * Vc * 4)  # the logits, reused in place
+
+
+def test_fp32_head_under_autocast_runs_in_the_autocast_dtype():
+    hidden, weight, labels = _inputs(seed=14)
+    h, w = _leaves(hidden, weight)
+    with torch.autocast("cpu", dtype=torch.bfloat16), _LargestAllocation() as mode:
+        out = chunked_cross_entropy(h, w, labels, chunk_size=8)
+    out.loss.backward()
+    assert h.grad.dtype == w.grad.dtype == torch.float32
+    ref, rgh, rgw = _run_reference(hidden, weight, labels)
+    assert (V, H) in mode.shapes  # the head cast once to bf16 (as F.linear would), not per chunk
+    assert not torch.allclose(out.loss, ref.loss, atol=1e-6, rtol=0)  # it did run in bf16
+    torch.testing.assert_close(out.loss, ref.loss, atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(h.grad, rgh, atol=2e-3, rtol=2e-2)
+    torch.testing.assert_close(w.grad, rgw, atol=2e-3, rtol=2e-2)
