@@ -1,21 +1,24 @@
-"""Samples -> batches for one epoch and one rank: packed rows with document masks, or padded.
+"""Samples -> batches for one epoch and one rank: packed rows of whole samples, or padded rows.
 
 Packing puts whole samples into rows (best fit), restarts positions per sample and gives each
-sample its own document id, so attention never crosses samples (see model.Transformer).
+sample its own document id. Every batch carries its `DocLayout` (document lengths, cu_seqlens,
+max length, non-padding token indices), built here in numpy on the host, so the model's
+attention stays within a sample, skips padding, and never reads a length back from the device.
 """
 
 from __future__ import annotations
 
 import bisect
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .data import Sample, SFTData
+from .attention import DocLayout, doc_layout
 from .loss import IGNORE_INDEX
+from .samples import Sample, SFTData
 
 
 @dataclass
@@ -28,20 +31,40 @@ class Batch:
     num_tokens: int  # labelled positions
     num_input_tokens: int  # non-padding input tokens
     rows: list[list[int]]  # sample indices of each row, in order (to find per-sample data, e.g. a teacher cache)
+    layout: DocLayout  # where the samples lie (packed or padded rows): the model's attention metadata
+    label_index: Tensor  # (num_tokens,) int64 flat indices into B*T of the labelled positions
 
     def model_inputs(self, device: torch.device | str) -> dict:
-        """The keyword arguments of `Transformer.forward` for this batch, on `device`."""
-        return dict(input_ids=self.input_ids.to(device), position_ids=self.position_ids.to(device),
-                    document_ids=None if self.document_ids is None else self.document_ids.to(device))
+        """The keyword arguments of `Transformer.forward` for this batch, on `device` (copies are
+        non_blocking when the batch is pinned, see `pin`)."""
+        return dict(input_ids=_to(self.input_ids, device), position_ids=_to(self.position_ids, device),
+                    layout=self.layout.to(device, non_blocking=self.input_ids.is_pinned()))
+
+    def pin(self) -> "Batch":
+        """This batch in pinned host memory, so that `model_inputs` copies to the GPU overlap
+        compute; unchanged where there is no CUDA."""
+        if not torch.cuda.is_available():
+            return self
+
+        def pin(t):
+            return None if t is None else t.pin_memory()
+        return replace(self, input_ids=pin(self.input_ids), labels=pin(self.labels), weights=pin(self.weights),
+                       position_ids=pin(self.position_ids), document_ids=pin(self.document_ids),
+                       layout=self.layout.pin(), label_index=pin(self.label_index))
 
 
-class Batches(Sequence):
+def _to(t: Tensor, device: torch.device | str) -> Tensor:
+    return t.to(device, non_blocking=t.is_pinned())
+
+
+class EpochBatches(Sequence):
     """One rank's batches of one epoch, built on access: a whole epoch as tensors would not
     fit in memory for 300k samples. Indexable, sized and iterable like a list."""
 
     def __init__(self, samples: list[Sample], plan: list[list[list[int]]], seq_len: int | None, pad_id: int,
-                 weighted: bool):
+                 weighted: bool, pad_to_multiple: int = 1):
         self.samples, self.plan, self.seq_len, self.pad_id, self.weighted = samples, plan, seq_len, pad_id, weighted
+        self.multiple = pad_to_multiple
 
     def __len__(self) -> int:
         return len(self.plan)
@@ -49,18 +72,23 @@ class Batches(Sequence):
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        return _collate(self.samples, self.plan[i], self.seq_len, self.pad_id, self.weighted)
+        return _collate(self.samples, self.plan[i], self.seq_len, self.pad_id, self.weighted, self.multiple)
 
 
 def make_batches(data: SFTData, batch_size: int, seq_len: int, *, packing: bool = True, shuffle: bool = True,
-                 seed: int = 0, epoch: int = 0, rank: int = 0, world_size: int = 1, pad_id: int = 0) -> Batches:
+                 seed: int = 0, epoch: int = 0, rank: int = 0, world_size: int = 1, pad_id: int = 0,
+                 pad_to_multiple: int = 1) -> EpochBatches:
     """Batches of one epoch for one rank, deterministic for (seed, epoch).
 
     packing: samples best-fit into rows of seq_len (each sample whole), with document_ids
     and positions restarting per sample. Otherwise: padded rows, length-grouped (sorted
     within buckets of 64 batches, then the batches shuffled). All ranks cut the same global
     order: rank r takes batches r, r+W, ...; the last round is filled with empty batches
-    (no labelled token) so every rank gets the same number."""
+    (no labelled token) so every rank gets the same number. pad_to_multiple: row length rounded
+    up to a multiple of it (fewer distinct shapes: less allocator fragmentation, fewer
+    recompiles); the padding takes part in no attention and no loss."""
+    if pad_to_multiple < 1:
+        raise ValueError(f"pad_to_multiple must be >= 1, got {pad_to_multiple}")
     if batch_size < 1 or seq_len < 2:
         raise ValueError(f"batch_size must be >= 1 and seq_len >= 2, got {batch_size}, {seq_len}")
     if world_size < 1 or not 0 <= rank < world_size:
@@ -89,7 +117,7 @@ def make_batches(data: SFTData, batch_size: int, seq_len: int, *, packing: bool 
     per_rank = -(-len(plan) // world_size)
     mine = [plan[k] if k < len(plan) else [] for k in range(rank, per_rank * world_size, world_size)]
     weighted = any(s.weights is not None for s in samples[:1])
-    return Batches(samples, mine, seq_len if packing else None, pad_id, weighted)
+    return EpochBatches(samples, mine, seq_len if packing else None, pad_id, weighted, pad_to_multiple)
 
 
 def _pack(order: np.ndarray, lengths: np.ndarray, seq_len: int) -> list[list[int]]:
@@ -121,20 +149,21 @@ def _pack(order: np.ndarray, lengths: np.ndarray, seq_len: int) -> list[list[int
 
 
 def _collate(samples: list[Sample], rows: list[list[int]], seq_len: int | None, pad_id: int,
-             weighted: bool) -> Batch:
+             weighted: bool, multiple: int = 1) -> Batch:
     packed = seq_len is not None
     sample_rows = [list(r) for r in rows]
     if not rows:  # an empty batch that keeps ranks in step: one padding row, nothing to learn
         rows = [[]]
-    # Rows are as long as the longest one (packed rows are at most seq_len): no all-padding tail.
-    T = max(1, max(sum(len(samples[i].ids) for i in row) for row in rows))
+    lengths = [[len(samples[i].ids) for i in row] for row in rows]
+    # Rows are as long as the longest one (packed rows are at most seq_len), rounded up to the
+    # multiple: no all-padding tail beyond that.
+    T = -(-max(1, max(sum(r) for r in lengths)) // multiple) * multiple
     B = len(rows)
     ids = np.full((B, T), pad_id, dtype=np.int64)
     labels = np.full((B, T), IGNORE_INDEX, dtype=np.int64)
     pos = np.tile(np.arange(T, dtype=np.int64), (B, 1))
     doc = np.zeros((B, T), dtype=np.int64)
     w = np.zeros((B, T), dtype=np.float32) if weighted else None
-    n_in = 0
     for b, row in enumerate(rows):
         t = 0
         for d, i in enumerate(row):
@@ -147,10 +176,11 @@ def _collate(samples: list[Sample], rows: list[list[int]], seq_len: int | None, 
             if w is not None:
                 w[b, t: t + n] = s.weights
             t += n
-        n_in += t
-        # Padding is a document of its own, positions from 0: it attends only to itself.
+        # Padding: positions from 0 and a document id of its own (for callers that pass
+        # document_ids); the layout leaves it out of attention altogether.
         pos[b, t:] = np.arange(T - t)
         doc[b, t:] = len(row)
-    lab = torch.from_numpy(labels)
-    return Batch(torch.from_numpy(ids), lab, None if w is None else torch.from_numpy(w), torch.from_numpy(pos),
-                 torch.from_numpy(doc) if packed else None, int((lab != IGNORE_INDEX).sum()), n_in, sample_rows)
+    label_index = np.flatnonzero(labels.reshape(-1) != IGNORE_INDEX).astype(np.int64)  # (num_tokens,)
+    return Batch(torch.from_numpy(ids), torch.from_numpy(labels), None if w is None else torch.from_numpy(w),
+                 torch.from_numpy(pos), torch.from_numpy(doc) if packed else None, len(label_index),
+                 sum(map(sum, lengths)), sample_rows, doc_layout(lengths, T), torch.from_numpy(label_index))

@@ -4,6 +4,8 @@ Module names mirror the Hugging Face checkpoint names (`model.layers.3.self_attn
 `lm_head`, ...), so a checkpoint loads with a plain `load_state_dict(assign=True)` and a
 PEFT adapter's keys map one to one. Families differ by config flags only. RoPE uses the
 HF rotate-half layout, which HF checkpoints are stored for: no weight permutation.
+Attention itself is `attention.attend`, which picks the kernel from the batch (packed rows,
+windows, KV cache); packed rows come with a `DocLayout` built on the host by the collator.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from . import attention
+from .attention import DocLayout
 from .config import ModelConfig
 
 
@@ -49,14 +53,27 @@ class Rotary(nn.Module):
             self._inv_freq[key] = _inv_freq(self.cfg, long).to(device)
         return self._inv_freq[key]
 
-    def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """positions (B, T) -> cos, sin (B, T, rotary_dim) in `dtype`."""
+    def forward(self, positions: Tensor, dtype: torch.dtype, seq_len: int | Tensor) -> tuple[Tensor, Tensor]:
+        """positions (B, T) -> cos, sin (B, T, rotary_dim) in `dtype`.
+
+        seq_len: the length of the sequence each token belongs to, an int for the whole batch or
+        a tensor broadcastable to (B, T). LongRoPE takes the long factors for a token whose
+        sequence is longer than the original context. In packed rows that is each document's own
+        length, the choice it gets when run alone (at inference), made per token with
+        torch.where and no host sync; transformers instead decides once from the largest
+        position in the batch, so a short document packed beside a long one gets the long
+        factors there (tests/test_model.py shows the difference).
+        """
         cfg = self.cfg
-        # LongRoPE switches to the long factors once the sequence outgrows the original
-        # context, decided per call from the largest position (as the reference does).
-        long = cfg.rope_type == "longrope" and int(positions.max()) + 1 > cfg.original_max_position_embeddings
-        inv = self.inv_freq(positions.device, long)
-        freqs = positions.float()[..., None] * inv  # (B, T, rotary_dim/2)
+        pos = positions.float()[..., None]  # (B, T, 1)
+        if cfg.rope_type != "longrope":
+            freqs = pos * self.inv_freq(positions.device, False)  # (B, T, rotary_dim/2)
+        elif isinstance(seq_len, int):
+            freqs = pos * self.inv_freq(positions.device, seq_len > cfg.original_max_position_embeddings)
+        else:
+            long = (seq_len > cfg.original_max_position_embeddings)[..., None]  # (B, T, 1) or (B, 1, 1)
+            freqs = torch.where(long, pos * self.inv_freq(positions.device, True),
+                                pos * self.inv_freq(positions.device, False))
         emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, rotary_dim)
         return (emb.cos() * cfg.attention_factor).to(dtype), (emb.sin() * cfg.attention_factor).to(dtype)
 
@@ -86,9 +103,9 @@ def _rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x (B, nh, T, hd); cos/sin (B, T, rd). Rotates dims [0, rd), passes the rest through."""
+    """x (B, T, nh, hd); cos/sin (B, T, rd). Rotates dims [0, rd), passes the rest through."""
     rd = cos.shape[-1]
-    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, rd)
+    cos, sin = cos[:, :, None], sin[:, :, None]  # (B, T, 1, rd)
     if rd == x.shape[-1]:
         return x * cos + _rotate_half(x) * sin
     x_rot, x_pass = x[..., :rd], x[..., rd:]
@@ -104,6 +121,9 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.max_len = max_len
         self.pos = 0  # positions already stored
+        # (B, max_len) bool: the slots each row may attend (ragged batches, left-padded rows);
+        # None: every stored slot. Set by the batched decoder.
+        self.key_mask: Tensor | None = None
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         end = self.pos + k.shape[2]
@@ -117,15 +137,11 @@ class KVCache:
         self.pos = 0
 
 
-def _mask(q_idx: Tensor, k_idx: Tensor, window: int | None, doc: Tensor | None) -> Tensor:
-    """Boolean attention mask (B or 1, 1, Tq, Tk): causal, optional window and documents."""
-    m = k_idx[None, :] <= q_idx[:, None]  # (Tq, Tk)
-    if window is not None:
-        m = m & (k_idx[None, :] > q_idx[:, None] - window)
-    m = m[None, None]  # (1, 1, Tq, Tk)
-    if doc is not None:  # packed rows: no attention across samples
-        m = m & (doc[:, None, :, None] == doc[:, None, None, :])  # (B, 1, T, T)
-    return m
+def linear_group(x: Tensor, mods) -> list[Tensor]:
+    """Apply linears that share one input x; returns a list of outputs. A hook for layers that do
+    better together (LoRA: one A matmul for all of them) through a `group_forward(x, mods)`."""
+    f = getattr(mods[0], "group_forward", None)
+    return f(x, mods) if f is not None and len(mods) > 1 else [m(x) for m in mods]
 
 
 class Attention(nn.Module):
@@ -143,32 +159,18 @@ class Attention(nn.Module):
             self.v_proj = nn.Linear(cfg.hidden_size, kv_out, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(q_out, cfg.hidden_size, bias=cfg.o_proj_bias)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, doc: Tensor | None, cache: KVCache | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, layout: DocLayout | None, cache: KVCache | None) -> Tensor:
         B, T, _ = x.shape
         if hasattr(self, "qkv_proj"):
             q_out, kv_out = self.n_heads * self.head_dim, self.n_kv * self.head_dim
             q, k, v = self.qkv_proj(x).split((q_out, kv_out, kv_out), dim=-1)  # Q rows, then K, then V
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
-        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        past = 0
-        if cache is not None:
-            past = cache.pos
-            k, v = cache.update(self.layer_idx, k, v)  # (B, n_kv, past + T, hd)
-        Tk = k.shape[2]
-        window = self.window if self.window is not None and self.window < Tk else None
-        mask, causal = None, False
-        if doc is None and window is None and past == 0:
-            causal = True  # lets SDPA pick its flash / memory-efficient causal kernels
-        elif not (doc is None and window is None and T == 1):  # one new token sees the whole cache
-            q_idx = torch.arange(past, past + T, device=x.device)
-            mask = _mask(q_idx, torch.arange(Tk, device=x.device), window, doc)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           enable_gqa=self.n_kv != self.n_heads)  # (B, nh, T, hd)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+            q, k, v = linear_group(x, (self.q_proj, self.k_proj, self.v_proj))
+        q = apply_rotary(q.view(B, T, self.n_heads, self.head_dim), cos, sin)  # (B, T, nh, hd)
+        k = apply_rotary(k.view(B, T, self.n_kv, self.head_dim), cos, sin)  # (B, T, n_kv, hd)
+        v = v.view(B, T, self.n_kv, self.head_dim)  # (B, T, n_kv, hd)
+        y = attention.attend(q, k, v, window=self.window, layout=layout, cache=cache, layer=self.layer_idx)
+        return self.o_proj(y.reshape(B, T, self.n_heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -186,7 +188,7 @@ class MLP(nn.Module):
         if hasattr(self, "gate_up_proj"):
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
+            gate, up = linear_group(x, (self.gate_proj, self.up_proj))
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -198,8 +200,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, doc: Tensor | None, cache: KVCache | None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, doc, cache)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, layout: DocLayout | None, cache: KVCache | None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layout, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -220,7 +222,8 @@ class Transformer(nn.Module):
         self.model = Decoder(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = Rotary(cfg)
-        self.gradient_checkpointing = False
+        self.gradient_checkpointing = False  # recompute blocks in backward instead of keeping their activations
+        self.checkpoint_every = 1  # ... every block (1), or every k-th one: the others keep theirs
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -236,28 +239,42 @@ class Transformer(nn.Module):
         return head.full_weight() if hasattr(head, "full_weight") else head.weight
 
     def forward(self, input_ids: Tensor, *, position_ids: Tensor | None = None,
-                document_ids: Tensor | None = None, cache: KVCache | None = None,
-                return_hidden: bool = False) -> Tensor:
+                document_ids: Tensor | None = None, layout: DocLayout | None = None,
+                cache: KVCache | None = None, return_hidden: bool = False) -> Tensor:
         """input_ids (B, T) -> logits (B, T, vocab), or final hidden states (B, T, H).
 
         position_ids: (B, T) rotary positions (default: past length + arange(T)).
-        document_ids: (B, T) sample index of each token in packed rows; attention stays within
-            a sample (pass position_ids restarting at 0 per sample alongside).
+        layout: where the documents of packed (or padded) rows lie, built on the CPU by the
+            collator (`Batch.model_inputs` passes it, with position_ids restarting per document);
+            attention stays within a document and padding takes part in none.
+        document_ids: (B, T) document of each token (runs of equal ids), an alternative to
+            layout; it is read on the host to build one (a host sync for a CUDA tensor).
         cache: a KVCache for generation; it is advanced by T.
         """
         B, T = input_ids.shape
         past = cache.pos if cache is not None else 0
+        if (document_ids is not None or layout is not None) and cache is not None:
+            raise ValueError("document_ids / layout (packed rows) are for training; they cannot be used with a KV cache")
+        if layout is None and document_ids is not None:
+            layout = attention.layout_from_document_ids(document_ids)
+        seq_len: int | Tensor = past + T
+        if layout is not None:
+            if layout.shape != (B, T) or position_ids is None:
+                raise ValueError(f"a layout of shape {layout.shape} needs input_ids of that shape (got {(B, T)}) "
+                                 "and position_ids restarting per document (Batch.model_inputs gives both)")
+            seq_len = layout.doc_len  # (B, T) per document
+        elif position_ids is not None:
+            seq_len = position_ids.amax(-1, keepdim=True) + 1  # (B, 1): each row one sequence
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
-        if document_ids is not None and cache is not None:
-            raise ValueError("document_ids (packed rows) is for training; it cannot be used with a KV cache")
         x = self.model.embed_tokens(input_ids)  # (B, T, H)
-        cos, sin = self.rotary(position_ids, x.dtype)
-        for block in self.model.layers:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, cos, sin, document_ids, cache, use_reentrant=False)
+        cos, sin = self.rotary(position_ids, x.dtype, seq_len)
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for i, block in enumerate(self.model.layers):
+            if recompute and i % self.checkpoint_every == 0:
+                x = checkpoint(block, x, cos, sin, layout, cache, use_reentrant=False)
             else:
-                x = block(x, cos, sin, document_ids, cache)
+                x = block(x, cos, sin, layout, cache)
         if cache is not None:
             cache.pos += T
         x = self.model.norm(x)

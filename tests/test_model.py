@@ -7,13 +7,9 @@ import torch
 
 import minidistill as md
 from minidistill.config import ModelConfig
-from model_fixtures import CONFIGS, write_checkpoint
+from model_fixtures import CONFIGS, rel_err, write_checkpoint
 
 transformers = pytest.importorskip("transformers")
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def ids(n: int, batch: int = 2, seed: int = 1) -> torch.Tensor:
@@ -156,10 +152,127 @@ def test_gradient_checkpointing_same_gradients(tmp_path):
     write_checkpoint(tmp_path, "phi4-mini")
     model = md.load_model(tmp_path, dtype=torch.float32).train()
     x = ids(12)
-    grads = []
-    for flag in (False, True):
+    grads, recomputed = [], []
+    for flag, every in ((False, 1), (True, 1), (True, 2)):  # off, every block, every other block
         model.zero_grad()
-        model.gradient_checkpointing = flag
+        model.gradient_checkpointing, model.checkpoint_every = flag, every
+        calls = []
+        hooks = [b.register_forward_pre_hook(lambda m, i, k=k: calls.append(k)) for k, b in enumerate(model.model.layers)]
         model(x).logsumexp(-1).mean().backward()
+        for h in hooks:
+            h.remove()
+        recomputed.append(sorted(set(k for k in calls if calls.count(k) > 1)))
         grads.append(model.model.layers[0].mlp.down_proj.weight.grad.clone())
-    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+    assert all(torch.allclose(grads[0], g, atol=1e-6) for g in grads[1:])
+    n = len(model.model.layers)
+    assert recomputed == [[], list(range(n)), list(range(0, n, 2))]  # which blocks ran again in backward
+
+
+# ---------------------------------------------------------------------------- packed rows
+
+def packed(rows, T, seed=7):
+    """A (B, T) packed batch of random documents: ids, positions, layout, and each document alone."""
+    from minidistill.attention import doc_layout
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.zeros(len(rows), T, dtype=torch.long)
+    pos = torch.zeros_like(ids)
+    docs = []  # (row, start, ids (1, n))
+    for b, r in enumerate(rows):
+        t = 0
+        for n in r:
+            ids[b, t: t + n] = torch.randint(3, 96, (n,), generator=g)
+            pos[b, t: t + n] = torch.arange(n)
+            docs.append((b, t, ids[b:b + 1, t: t + n]))
+            t += n
+    return ids, pos, doc_layout(rows, T), docs
+
+
+# Documents of length 1, one filling its row, padding at the end; with the LongRoPE configs (original
+# context 32) documents on both sides of it; windows (7, 9) shorter than the long documents.
+@pytest.mark.parametrize("name", ["llama3", "phi4-mini", "phi3.5", "phi3-window", "mistral", "qwen2"])
+def test_packed_rows_match_transformers_per_document(tmp_path, name):
+    ref = write_checkpoint(tmp_path, name)
+    model = md.load_model(tmp_path, dtype=torch.float32)
+    rows, T = [[1, 12, 40, 3], [50, 1], [56]], 56
+    ids, pos, layout, docs = packed(rows, T)
+    with torch.no_grad():
+        out = model(ids, position_ids=pos, layout=layout)
+        for b, t, x in docs:
+            want = ref(x).logits[0]
+            got = out[b, t: t + x.shape[1]]
+            assert rel_err(got, want) <= 1e-4, f"{name} doc of {x.shape[1]} at ({b}, {t}): {rel_err(got, want):.2e}"
+
+
+def test_longrope_choice_per_document_differs_from_transformers_batch_max(tmp_path):
+    # A 40-token and a 20-token document in one row, original context 32. Run alone, the 20-token
+    # one gets the short factors. transformers, even told where the documents are (a 4-d mask),
+    # picks the factors from the largest position in the batch: long ones for both.
+    ref = write_checkpoint(tmp_path, "phi4-mini")
+    model = md.load_model(tmp_path, dtype=torch.float32)
+    ids, pos, layout, docs = packed([[40, 20]], 60)
+    doc = torch.tensor([[0] * 40 + [1] * 20])
+    same = (doc[:, None, :, None] == doc[:, None, None, :]) & torch.ones(60, 60, dtype=torch.bool).tril()
+    mask = torch.where(same, 0.0, torch.finfo(torch.float32).min)  # (1, 1, 60, 60) additive
+    with torch.no_grad():
+        theirs = ref(ids, position_ids=pos, attention_mask=mask).logits
+        ours = model(ids, position_ids=pos, layout=layout)
+        long_alone, short_alone = ref(docs[0][2]).logits, ref(docs[1][2]).logits
+        from_ids = model(ids, position_ids=pos, document_ids=doc)  # the layout derived from document_ids
+    assert rel_err(ours[:, :40], long_alone) <= 1e-4 and rel_err(theirs[:, :40], long_alone) <= 1e-4
+    assert rel_err(ours[:, 40:], short_alone) <= 1e-4  # what the document gets at inference
+    assert rel_err(theirs[:, 40:], short_alone) > 0.1  # transformers: long factors, from the batch max
+    assert rel_err(from_ids[:, 40:], short_alone) <= 1e-4  # per document as well
+
+
+def test_longrope_short_documents_agree_with_transformers(tmp_path):
+    ref = write_checkpoint(tmp_path, "phi4-mini")
+    model = md.load_model(tmp_path, dtype=torch.float32)
+    ids, pos, layout, docs = packed([[20, 12], [9]], 32)
+    with torch.no_grad():
+        out = model(ids, position_ids=pos, layout=layout)
+        for b, t, x in docs:
+            assert rel_err(out[b, t: t + x.shape[1]], ref(x).logits[0]) <= 1e-4
+
+
+def test_layout_errors_name_the_shapes(tmp_path):
+    from minidistill.attention import doc_layout
+
+    write_checkpoint(tmp_path, "llama3")
+    model = md.load_model(tmp_path, dtype=torch.float32)
+    x = ids(8)
+    with pytest.raises(ValueError, match=r"layout of shape \(1, 8\).*got \(2, 8\)"):
+        model(x, position_ids=torch.arange(8).expand(2, 8), layout=doc_layout([[8]], 8))
+    with pytest.raises(ValueError, match="cannot be used with a KV cache"):
+        model(x, position_ids=torch.arange(8).expand(2, 8), layout=doc_layout([[8], [8]], 8), cache=model.new_cache(2, 8))
+
+
+def test_linear_group_hook_gets_projections_sharing_an_input(tmp_path):
+    from minidistill.model import linear_group
+
+    calls = []
+
+    class Grouped(torch.nn.Linear):
+        @staticmethod
+        def group_forward(x, mods):
+            calls.append(tuple(type(m).__name__ for m in mods))
+            return [torch.nn.functional.linear(x, m.weight, m.bias) for m in mods]
+
+    write_checkpoint(tmp_path, "qwen2")
+    model = md.load_model(tmp_path, dtype=torch.float32)
+    x = ids(6)
+    with torch.no_grad():
+        want = model(x)
+        for block in model.model.layers:
+            for mod in (block.self_attn, block.mlp):
+                for name in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+                    if hasattr(mod, name):
+                        lin = getattr(mod, name)
+                        g = Grouped(lin.in_features, lin.out_features, bias=lin.bias is not None)
+                        g.load_state_dict(lin.state_dict())
+                        setattr(mod, name, g)
+        got = model(x)
+    assert calls == [("Grouped",) * 3, ("Grouped",) * 2] * 2  # q/k/v, then gate/up, per layer
+    assert torch.allclose(got, want, atol=1e-6)
+    single = torch.nn.Linear(4, 3)
+    assert torch.equal(linear_group(torch.ones(2, 4), [single])[0], single(torch.ones(2, 4)))
