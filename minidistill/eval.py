@@ -1,233 +1,22 @@
-"""Answer accuracy and think-block health of a model on a dataset; the `python -m minidistill.eval` command.
+"""`python -m minidistill.eval`: score a model's answers on a dataset and report think-block health.
 
-For each record: the prompt (its messages without the final assistant turn) is answered
-with greedy batched generation, the text after `</think>` (the whole text when there is no
-think block) is scored against the record's reference answer, and the think block is
-checked. Scoring rule (`score_answer`): when the reference holds a number, the last number
-of the prediction must equal the reference's last number (numeric compare, thousands
-commas stripped, `\\boxed{...}` preferred when present); otherwise the normalised
-reference must be contained in the normalised prediction.
-
-The same functions read prompt files for `python -m minidistill.generate --prompts`.
+The command-line layer over `evaluation.evaluate` (scoring rule: `answers.score_answer`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from .records import (BadRecord, DATA_SUFFIXES, FORMATS, ROLES, SHAREGPT_ROLES, _chat, detect_format,
-                      iter_records, to_messages)
-
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")
-_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+from .answers import read_prompts
+from .evaluation import evaluate
+from .loader import default_device, load_for_inference
+from .records import FORMATS
 
 
-# ---------------------------------------------------------------------------- scoring
-
-def _numbers(text: str) -> list[float]:
-    return [float(m.replace(",", "")) for m in _NUMBER.findall(text)]
-
-
-def _normalise(text: str) -> str:
-    text = re.sub(r"[^\w\s]", " ", text.lower())
-    return " ".join(text.split())
-
-
-def score_answer(prediction: str, reference: str) -> bool:
-    """True when `prediction` (the answer text, after any think block) matches `reference`.
-
-    Reference with a number: the prediction's last number (inside its last \\boxed{} if any)
-    equals the reference's last number, within 1e-9 relative. Otherwise: the normalised
-    reference (lower case, punctuation as spaces, single spaces) occurs in the normalised
-    prediction. An empty reference matches nothing."""
-    ref_nums = _numbers(reference)
-    if ref_nums:
-        boxed = _BOXED.findall(prediction)
-        pred_nums = _numbers(boxed[-1]) if boxed and _numbers(boxed[-1]) else _numbers(prediction)
-        if not pred_nums:
-            return False
-        a, b = pred_nums[-1], ref_nums[-1]
-        return abs(a - b) <= 1e-9 * max(1.0, abs(b))
-    ref = _normalise(reference)
-    return bool(ref) and f" {ref} " in f" {_normalise(prediction)} "
-
-
-@dataclass
-class ThinkStats:
-    """What a reply holds: reasoning (None without a think block), answer (after `</think>`; ""
-    when the reasoning never closed), and whether the think block is well formed."""
-
-    reasoning: str | None
-    answer: str
-    well_formed: bool
-
-
-def think_stats(text: str, started_in_think: bool = False) -> ThinkStats:
-    """Split a reply into reasoning and answer and check its think block.
-
-    Well formed: exactly one `<think>` at the start and one `</think>`, with non-empty
-    reasoning and a non-empty answer after it. started_in_think: the prompt already ended
-    with `<think>` (DeepSeek-R1 templates), so a lone `</think>` is the expected shape."""
-    opens, closes = text.count(THINK_OPEN), text.count(THINK_CLOSE)
-    if closes:
-        before, _, after = text.rpartition(THINK_CLOSE)
-        head = before.lstrip()
-        reasoning = (head[len(THINK_OPEN):] if head.startswith(THINK_OPEN) else head).strip()
-        answer = after.strip()
-    elif opens or started_in_think:  # reasoning never closed: cut off, no answer yet
-        reasoning, answer = text.split(THINK_OPEN, 1)[-1].strip(), ""
-    else:
-        return ThinkStats(None, text.strip(), False)
-    if started_in_think:
-        shape = closes == 1 and (opens == 0 or (opens == 1 and text.lstrip().startswith(THINK_OPEN)))
-    else:
-        shape = opens == 1 and closes == 1 and text.lstrip().startswith(THINK_OPEN)
-    return ThinkStats(reasoning, answer, shape and bool(reasoning) and bool(answer))
-
-
-def prompt_starts_in_think(tok, messages: list[dict]) -> bool:
-    """Whether the chat template opens the think block itself (R1: `<｜Assistant｜><think>\\n`)."""
-    return tok.render_chat(messages, add_generation_prompt=True).rstrip().endswith(THINK_OPEN)
-
-
-# ---------------------------------------------------------------------------- prompt files
-
-@dataclass
-class PromptRecord:
-    """One prompt: its id (the record's `id` field, else its index in the file), the messages to
-    answer, and the record it came from (None for plain-text prompt files) with its schema."""
-
-    id: Any
-    messages: list[dict]
-    record: Any = None
-    format: str | None = None
-
-
-def prompt_messages(obj: Any, fmt: str) -> list[dict]:
-    """The prompt side of a record: its messages up to (without) the final assistant turn."""
-    if isinstance(obj, dict) and fmt in ("messages", "sharegpt"):
-        key, role, text, roles = (("messages", "role", "content", {r: r for r in ROLES}) if fmt == "messages"
-                                  else ("conversations", "from", "value", SHAREGPT_ROLES))
-        turns = obj.get(key)
-        if not isinstance(turns, list) or not turns:
-            raise BadRecord(f"missing or empty {key!r} (keys: {sorted(obj)})")
-        msgs = _chat(turns, role, text, roles, key)
-    else:
-        msgs = to_messages(obj, fmt)
-    while msgs and msgs[-1]["role"] == "assistant":
-        msgs.pop()
-    if not msgs or msgs[-1]["role"] != "user":
-        raise BadRecord("no user turn to answer")
-    return msgs
-
-
-def read_prompts(path: str | Path, fmt: str = "auto", system: str | None = None,
-                 limit: int | None = None) -> tuple[list[PromptRecord], list[str]]:
-    """Prompts of a data file (JSONL/JSON/Parquet, any schema the data readers know, or records
-    with a `prompt` string) or of a text file (one prompt per non-empty line).
-
-    Returns the prompts and the problems of the records that were skipped ("file:line: why")."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} does not exist")
-    out: list[PromptRecord] = []
-    bad: list[str] = []
-    if not path.name.endswith(DATA_SUFFIXES):
-        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-        for i, line in enumerate(lines[:limit] if limit else lines):
-            msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": line}]
-            out.append(PromptRecord(i, msgs))
-        return out, bad
-    chosen = None if fmt == "auto" else fmt
-    for i, rec in enumerate(iter_records([path], limit)):
-        obj = rec.data
-        try:
-            if isinstance(obj, BadRecord):
-                raise obj
-            if isinstance(obj, dict) and isinstance(obj.get("prompt"), str) and detect_format(obj) is None:
-                msgs, f = [{"role": "user", "content": obj["prompt"]}], None
-            else:
-                f = chosen or detect_format(obj)
-                if f is None:
-                    keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-                    raise BadRecord(f"no known schema fits keys {keys}; formats: {', '.join(FORMATS)}, or `prompt`")
-                msgs = prompt_messages(obj, f)
-        except BadRecord as e:
-            bad.append(f"{rec.where}: {e}")
-            continue
-        if system and msgs[0]["role"] != "system":
-            msgs.insert(0, {"role": "system", "content": system})
-        pid = obj.get("id", i) if isinstance(obj, dict) else i
-        out.append(PromptRecord(pid, msgs, obj, f))
-    return out, bad
-
-
-def reference_answer(obj: Any, fmt: str | None, field: str | None = None) -> str:
-    """The reference answer of a record: `field` when given; else by schema — dolphin-r1 `answer`,
-    medical-o1 `Response`, alpaca `output`, magpie `response`, messages / sharegpt the last
-    assistant turn — with any think block removed."""
-    if not isinstance(obj, dict):
-        raise BadRecord(f"a reference answer needs a JSON record, got {type(obj).__name__}")
-    key = field or {"dolphin-r1": "answer", "medical-o1": "Response", "alpaca": "output",
-                    "magpie": "response"}.get(fmt or "")
-    if key is not None:
-        if obj.get(key) is None:
-            raise BadRecord(f"no reference answer field {key!r} (keys: {sorted(obj)}); choose one with --answer-field")
-        value = obj[key]
-        if not isinstance(value, (str, int, float)):
-            raise BadRecord(f"reference field {key!r} must be a string or number, got {type(value).__name__}")
-        text = str(value)
-    elif fmt in ("messages", "sharegpt"):
-        text = to_messages(obj, fmt)[-1]["content"]  # ends with the last assistant turn
-    else:
-        raise BadRecord(f"no reference answer for format {fmt!r}; name the field with --answer-field")
-    return think_stats(text).answer if THINK_CLOSE in text else text.strip()
-
-
-# ---------------------------------------------------------------------------- evaluation
-
-def evaluate(model, tok, prompts: list[PromptRecord], *, answer_field: str | None = None,
-             max_new_tokens: int = 512, batch_size: int = 16) -> tuple[dict, list[dict]]:
-    """Generate greedily for each prompt and score it. Returns (summary, per-sample rows).
-
-    summary: n, accuracy, well_formed (share of well-formed think blocks), mean_think_tokens
-    (over replies with a think block), skipped (prompts without a usable reference)."""
-    from .generate import generate_batch
-
-    usable, refs, skipped = [], [], []
-    for p in prompts:
-        try:
-            refs.append(reference_answer(p.record, p.format, answer_field))
-            usable.append(p)
-        except BadRecord as e:
-            skipped.append(f"prompt {p.id}: {e}")
-    outputs = generate_batch(model, tok, [p.messages for p in usable], max_new_tokens=max_new_tokens,
-                             batch_size=batch_size)
-    rows = []
-    for p, ref, text in zip(usable, refs, outputs):
-        st = think_stats(text, prompt_starts_in_think(tok, p.messages))
-        rows.append({"id": p.id, "prompt": p.messages[-1]["content"], "output": text, "prediction": st.answer,
-                     "reference": ref, "correct": score_answer(st.answer, ref), "well_formed": st.well_formed,
-                     "think_tokens": None if st.reasoning is None else len(tok.encode(st.reasoning))})
-    n = len(rows)
-    thinks = [r["think_tokens"] for r in rows if r["think_tokens"] is not None]
-    summary = {"n": n, "accuracy": sum(r["correct"] for r in rows) / max(n, 1),
-               "well_formed": sum(r["well_formed"] for r in rows) / max(n, 1),
-               "mean_think_tokens": sum(thinks) / len(thinks) if thinks else 0.0,
-               "skipped": len(skipped)}
-    return summary, rows
-
-
-def main(argv: list[str] | None = None) -> dict:
-    from .generate import default_device, load_for_inference
-
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m minidistill.eval",
                                 description="Score a model's answers (text after </think>) against reference answers, "
                                             "and report think-block health.")
@@ -236,22 +25,28 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--data", required=True, help="JSONL / JSON / Parquet file of records with reference answers")
     p.add_argument("--format", default="auto", choices=["auto", *FORMATS], help="record schema (default: detect)")
     p.add_argument("--answer-field", help="record field holding the reference answer (default: by schema)")
-    p.add_argument("--system", help="system message added to prompts that have none")
+    p.add_argument("--system-prompt", "--system", dest="system", help="system message added to prompts that have none")
     p.add_argument("--limit", type=int, help="evaluate only the first N records")
     p.add_argument("--max-new-tokens", type=int, default=512, help="default: %(default)s")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences decoded together, whatever their lengths "
+                                                              "(default: %(default)s)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop a reply at this text (besides the model's stop tokens); repeatable")
     p.add_argument("--output", help="write one JSON row per sample here (JSONL)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="auto: bf16 on GPU, fp32 on CPU")
     p.add_argument("--device", default=default_device(), help="default: %(default)s")
-    args = p.parse_args(argv)
+    return p
 
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parser().parse_args(argv)
     model, tok = load_for_inference(args.model, args.adapter, args.dtype, args.device)
     prompts, bad = read_prompts(args.data, args.format, args.system, args.limit)
     for line in bad[:5]:
         print(f"skipping {line}", file=sys.stderr)
-    summary, rows = evaluate(model, tok, prompts, answer_field=args.answer_field,
-                             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    summary, rows = evaluate(model, tok, prompts, answer_field=args.answer_field, max_new_tokens=args.max_new_tokens,
+                             batch_size=args.batch_size, stop_strings=args.stop, progress=True)
     summary["skipped"] += len(bad)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -260,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
     print(f"accuracy {summary['accuracy']:.3f} on {summary['n']} samples; well-formed think "
           f"{summary['well_formed']:.3f}; mean think {summary['mean_think_tokens']:.1f} tokens; "
-          f"skipped {summary['skipped']}")
+          f"{summary['truncated']} reached --max-new-tokens; skipped {summary['skipped']}")
     print(json.dumps(summary))
     return summary
 

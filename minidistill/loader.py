@@ -21,6 +21,7 @@ from .hub import INDEX_FILE, SINGLE_FILE, resolve_model_dir
 from .model import Transformer
 from .quant import (BNB_SUFFIXES, NF4Linear, NF4State, block_linear_paths, bnb_nf4_config, check_quantize,
                     nf4_state_from_bnb_tensors, prequantized_paths, quantize_nf4)
+from .tokenizer import load_tokenizer
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
           "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
@@ -144,3 +145,28 @@ def load_model(name_or_path: str, dtype: torch.dtype | str | None = torch.bfloat
     model.tie_weights()
     model.source = str(name_or_path)  # recorded in adapters as base_model_name_or_path
     return model.eval()
+
+
+# ---------------------------------------------------------------------------- inference
+
+def default_device() -> str:
+    """"cuda" when a GPU is visible, else "cpu": the --device default of the inference commands."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def inference_dtype(dtype: str, device: str) -> str:
+    """A --dtype flag's value, with "auto" read as bf16 on GPU and fp32 on CPU."""
+    return dtype if dtype != "auto" else ("bf16" if str(device).startswith("cuda") else "fp32")
+
+
+def load_for_inference(model_name: str, adapter: str | None = None, dtype: str = "auto",
+                       device: str | None = None):
+    """(model in eval mode with the adapter applied, tokenizer) for generation and evaluation;
+    dtype "auto" is bf16 on GPU, fp32 on CPU; device defaults to `default_device()`."""
+    from .adapter import load_adapter  # the adapter format sits above the loader: import on use
+
+    device = device or default_device()
+    model = load_model(model_name, dtype=inference_dtype(dtype, device), device=device)
+    if adapter:
+        load_adapter(model, adapter)
+    return model.eval(), load_tokenizer(model_name)  # eval after the swap: LoRA dropout stays off

@@ -1,91 +1,74 @@
-"""Answer scoring, think-block checks, reference answers, and the eval command on the demo data."""
+"""`evaluate` (scoring rows, truncation and skipped counts) and the `python -m minidistill.eval` command."""
 
+import runpy
 import json
 
 import pytest
+import torch
 
+import minidistill as md
+from minidistill import sampling
+from minidistill import evaluation
+from minidistill.answers import PromptRecord, score_answer
 from minidistill.demo import DEMO_DATA, build_demo_model
-from minidistill.eval import main, read_prompts, reference_answer, score_answer, think_stats
+from minidistill.sampling import Completion
 
 
-@pytest.mark.parametrize("pred, ref, ok", [
-    ("so 6 - 5 = 1. The answer is 1.", "Gus has 1 cards. The answer is 1.", True),
-    ("The answer is 2.", "The answer is 1.", False),
-    ("first 3, then 12", "12", True),                      # the last number counts
-    ("12, then 3", "12", False),
-    ("It costs $1,234.", "1234", True),                    # commas stripped
-    ("It costs 1234", "The total is 1,234.", True),
-    ("The answer is -7.", "-7", True),                     # negative
-    ("The answer is 7.", "-7", False),
-    ("x = 2.50", "2.5", True),                             # decimals compare numerically
-    ("x = 2.05", "2.5", False),
-    ("The result is \\boxed{42}, not 41", "42", True),     # \boxed preferred
-    ("no number here", "5", False),
-    ("The capital is PARIS, France.", "Paris", True),      # normalised contains
-    ("The capital is Parisian.", "Paris", False),          # whole words only
-    ("anything", "", False),
-])
-def test_score_answer(pred, ref, ok):
-    assert score_answer(pred, ref) is ok
+def cli_main(name: str):
+    """The main() of `python -m minidistill.<name>`, loaded without binding the module as the package
+    attribute (importing minidistill.generate would hide the function md.generate)."""
+    return runpy.run_module(f"minidistill.{name}")["main"]
 
 
-def test_think_stats_shapes():
-    st = think_stats("<think>\nadd 2 and 3\n</think>\nThe answer is 5.")
-    assert (st.reasoning, st.answer, st.well_formed) == ("add 2 and 3", "The answer is 5.", True)
-    st = think_stats("The answer is 5.")  # missing think block: scored on the whole text
-    assert (st.reasoning, st.answer, st.well_formed) == (None, "The answer is 5.", False)
-    st = think_stats("<think>still going")  # cut off: no answer
-    assert (st.reasoning, st.answer, st.well_formed) == ("still going", "", False)
-    assert not think_stats("<think></think>5").well_formed  # empty reasoning
-    assert not think_stats("<think>a</think><think>b</think>5").well_formed  # two blocks
-    assert not think_stats("hello <think>a</think>5").well_formed  # not first
-    assert think_stats("<think>a</think>   ").answer == ""
-    # R1 templates open the block in the prompt: a lone </think> is right, and without the flag it is not.
-    st = think_stats("reason here\n</think>\n\nThe answer is 4.", started_in_think=True)
-    assert (st.reasoning, st.answer, st.well_formed) == ("reason here", "The answer is 4.", True)
-    assert not think_stats("reason here\n</think>4").well_formed
-    st = think_stats("reason, never closed", started_in_think=True)
-    assert (st.reasoning, st.answer) == ("reason, never closed", "")
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    folder = build_demo_model(tmp_path_factory.mktemp("demo"))
+    return md.load_model(folder, dtype=torch.float32).eval(), md.load_tokenizer(str(folder)), folder
 
 
-def test_reference_answers_by_schema(tmp_path):
-    assert reference_answer({"messages": [], "reasoning": "r", "answer": "A 3"}, "dolphin-r1") == "A 3"
-    assert reference_answer({"Question": "q", "Complex_CoT": "c", "Response": "R"}, "medical-o1") == "R"
-    assert reference_answer({"instruction": "i", "output": "o"}, "alpaca") == "o"
-    msgs = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<think>x</think> 9"}]}
-    assert reference_answer(msgs, "messages") == "9"
-    assert reference_answer({"q": "x", "gold": 17}, None, field="gold") == "17"
-    with pytest.raises(ValueError, match="no reference answer field 'gold'"):
-        reference_answer({"answer": "1"}, "dolphin-r1", field="gold")
+def test_evaluate_scores_counts_truncated_and_skips(demo, monkeypatch):
+    model, tok, _ = demo
+    prompts = [PromptRecord(0, [{"role": "user", "content": "2+3?"}], {"answer": "5"}, "dolphin-r1"),
+               PromptRecord("b", [{"role": "user", "content": "9-4?"}], {"answer": "5"}, "dolphin-r1"),
+               PromptRecord(2, [{"role": "user", "content": "no ref"}], {"x": 1}, "dolphin-r1"),
+               PromptRecord(3, [{"role": "user", "content": "1+1?"}], {"answer": "2"}, "dolphin-r1")]
+    replies = {"2+3?": ("<think>\n2 + 3 = 5\n</think>\nThe answer is 5.", "stop"),
+               "9-4?": ("<think>9 - 4 is", "length"),  # cut by max_new_tokens
+               "1+1?": ("The answer is 3.", "stop")}
+    seen = {}
 
+    def fake(model, tok, chats, **kw):
+        seen.update(kw)
+        for i in reversed(range(len(chats))):  # completions arrive in any order
+            text, reason = replies[chats[i][-1]["content"]]
+            yield Completion(i, tok.encode(text), reason, text)
 
-def test_read_prompts_schemas_and_text(tmp_path):
-    f = tmp_path / "p.jsonl"
-    rows = [{"messages": [{"role": "user", "content": "hi"}]},  # prompt only, no assistant turn
-            {"id": "x7", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
-            {"bogus": 1},
-            {"prompt": "plain"}]
-    f.write_text("\n".join(json.dumps(r) for r in rows) + "\nnot json\n")
-    prompts, bad = read_prompts(f)
-    assert [p.id for p in prompts] == [0, "x7", 3]
-    assert prompts[1].messages == [{"role": "user", "content": "q"}]
-    assert prompts[2].messages == [{"role": "user", "content": "plain"}]
-    assert len(bad) == 2 and "p.jsonl:3" in bad[0] and "p.jsonl:5" in bad[1]
-    t = tmp_path / "p.txt"
-    t.write_text("one\n\ntwo\n")
-    prompts, _ = read_prompts(t, system="be brief")
-    assert [p.id for p in prompts] == [0, 1]
-    assert prompts[1].messages == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "two"}]
+    monkeypatch.setattr(evaluation, "iter_replies", fake)
+    summary, rows = evaluation.evaluate(model, tok, prompts, max_new_tokens=7, batch_size=3, stop_strings=["##"])
+    assert (seen["max_new_tokens"], seen["batch_size"], seen["stop_strings"]) == (7, 3, ["##"])
+    assert [r["id"] for r in rows] == [0, "b", 3]
+    assert [(r["correct"], r["well_formed"], r["truncated"]) for r in rows] == [
+        (True, True, False), (False, False, True), (False, False, False)]
+    assert rows[0]["think_tokens"] == len(tok.encode("2 + 3 = 5")) and rows[2]["think_tokens"] is None
+    assert summary == {"n": 3, "accuracy": 1 / 3, "well_formed": 1 / 3, "mean_think_tokens":
+                       (len(tok.encode("2 + 3 = 5")) + len(tok.encode("9 - 4 is"))) / 2, "truncated": 1, "skipped": 1}
 
 
 def test_eval_cli_on_demo_data(tmp_path, capsys):
     folder = build_demo_model(tmp_path / "demo")
     out = tmp_path / "rows.jsonl"
-    summary = main(["--model", str(folder), "--data", str(DEMO_DATA), "--limit", "6", "--max-new-tokens", "8",
-                    "--batch-size", "4", "--output", str(out), "--device", "cpu"])
+    summary = cli_main("eval")(["--model", str(folder), "--data", str(DEMO_DATA), "--limit", "6", "--max-new-tokens",
+                             "8", "--batch-size", "4", "--output", str(out), "--device", "cpu"])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert summary["n"] == len(rows) == 6 and summary["skipped"] == 0
     assert rows[0]["reference"] == "Gus has 1 card. The answer is 1."
     assert summary["accuracy"] == sum(r["correct"] for r in rows) / 6
     assert all(r["correct"] == score_answer(r["prediction"], r["reference"]) for r in rows)
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == summary
+    assert summary["truncated"] == sum(r["truncated"] for r in rows)
+    # The replies are those of greedy generation prompt by prompt.
+    model, tok = md.load_model(folder, dtype=torch.float32).eval(), md.load_tokenizer(str(folder))
+    want = [sampling.generate(model, tok, [{"role": "user", "content": r["prompt"]}], max_new_tokens=8) for r in rows]
+    assert [r["output"] for r in rows] == want
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(printed[-1]) == summary and "reached --max-new-tokens" in printed[-2]

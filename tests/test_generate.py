@@ -1,16 +1,24 @@
-"""Greedy generation with the KV cache equals full recomputation and transformers' generate."""
+"""Greedy generation with the KV cache equals full recomputation and transformers' generate;
+the `python -m minidistill.generate` command (one prompt, streamed)."""
+
+import runpy
 
 import pytest
 import torch
 
 import minidistill as md
-import importlib
-
-gen = importlib.import_module("minidistill.generate")
-from minidistill.generate import _next_token, generate_ids
+from minidistill import sampling
+from minidistill.demo import build_demo_model
+from minidistill.sampling import generate_ids
 from model_fixtures import write_checkpoint
 
 transformers = pytest.importorskip("transformers")
+
+def cli_main(name: str):
+    """The main() of `python -m minidistill.<name>`, loaded without binding the module as the package
+    attribute (importing minidistill.generate would hide the function md.generate)."""
+    return runpy.run_module(f"minidistill.{name}")["main"]
+
 
 
 def greedy_by_recompute(model, prompt, n):
@@ -31,7 +39,8 @@ def test_greedy_cache_equals_recompute_and_reference(tmp_path, name, monkeypatch
     model = md.load_model(tmp_path, dtype=torch.float32)
     prompt = torch.randint(3, 96, (20,), generator=torch.Generator().manual_seed(5)).tolist()
     seen = []  # the logits each cached step samples from, not only the argmax
-    monkeypatch.setattr(gen, "_next_token", lambda logits, *a: seen.append(logits) or int(logits.argmax()))
+    real = sampling.sample_next
+    monkeypatch.setattr(sampling, "sample_next", lambda logits, *a: seen.append(logits[0]) or real(logits, *a))
     got = generate_ids(model, prompt, max_new_tokens=30)
     want_ids, want_logits = greedy_by_recompute(model, prompt, 30)
     assert got == want_ids
@@ -52,11 +61,25 @@ def test_stop_ids_and_sampling_seed(tmp_path):
     a = generate_ids(model, prompt, max_new_tokens=8, temperature=1.0, seed=3)
     b = generate_ids(model, prompt, max_new_tokens=8, temperature=1.0, seed=3)
     assert a == b and len(a) == 8
+    assert generate_ids(model, prompt, max_new_tokens=8, temperature=1.0, seed=4) != a
+    with pytest.raises(ValueError, match="at least one prompt token"):
+        generate_ids(model, [])
 
 
-def test_top_p_keeps_only_the_nucleus():
-    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
-    g = torch.Generator().manual_seed(0)
-    picks = {_next_token(logits, 1.0, 0.7, g) for _ in range(200)}
-    assert picks == {0, 1}
-    assert _next_token(logits, 0.0, 1.0, None) == 0
+def test_cli_streams_one_reply(tmp_path, capsys):
+    folder = build_demo_model(tmp_path / "demo")
+    model, tok = md.load_model(folder, dtype=torch.float32).eval(), md.load_tokenizer(str(folder))
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "Ana has 3 pens."}]
+    want = sampling.generate(model, tok, msgs, max_new_tokens=10)
+    cli_main("generate")(["--model", str(folder), "--prompt", "Ana has 3 pens.", "--system", "be brief",
+                  "--max-new-tokens", "10", "--device", "cpu"])
+    assert capsys.readouterr().out == want + "\n"
+
+
+def test_cli_refuses_bad_flag_combinations(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli_main("generate")(["--model", str(tmp_path), "--prompts", "p.jsonl"])
+    assert "--prompts needs --output FILE" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main("generate")(["--model", str(tmp_path), "--prompt", "x", "--num-samples", "0"])
+    assert "--num-samples must be >= 1, got 0" in capsys.readouterr().err

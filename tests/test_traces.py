@@ -1,71 +1,31 @@
-"""Batched generation equals one-by-one generation; trace files: schema, reasoning split,
-resume, --verify rejection sampling."""
+"""Trace files: schema, reasoning split, resume (with the seeds an uninterrupted run would use),
+--verify rejection sampling, truncated replies counted, R1 templates that open the think block."""
 
+import runpy
 import json
 
 import pytest
 import torch
 
 import minidistill as md
-import importlib
-
-gen = importlib.import_module("minidistill.generate")
+from minidistill import traces
+from minidistill.answers import ThinkStats, read_prompts
 from minidistill.demo import build_demo_model
-from minidistill.eval import read_prompts
-from minidistill.generate import generate, generate_batch, generate_ids, generate_ids_batch, write_traces
-from model_fixtures import write_checkpoint
+from minidistill.sampling import Completion, iter_replies
+from minidistill.traces import write_traces
+
+
+def cli_main(name: str):
+    """The main() of `python -m minidistill.<name>`, loaded without binding the module as the package
+    attribute (importing minidistill.generate would hide the function md.generate)."""
+    return runpy.run_module(f"minidistill.{name}")["main"]
+
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     folder = build_demo_model(tmp_path_factory.mktemp("demo"))
     return md.load_model(folder, dtype=torch.float32).eval(), md.load_tokenizer(str(folder)), folder
-
-
-PROMPTS = ["Ana has 3 pens and gets 2 more. How many pens does Ana have now?",
-           "Ben has 9 coins and gives away 4. How many coins are left?",
-           "Ana has 3 pens and gets 4 more. How many pens does Ana have now?",  # same length as the first
-           "Hi",
-           "Chen has 12 shells and gives away 5. How many shells are left?"]
-
-
-def test_batched_greedy_equals_unbatched(demo):
-    model, tok, _ = demo
-    chats = [[{"role": "user", "content": p}] for p in PROMPTS]
-    lengths = [len(tok.encode_chat(c, add_generation_prompt=True)[0]) for c in chats]
-    assert len(set(lengths)) < len(lengths)  # some prompts really share a batch
-    want = [generate(model, tok, c, max_new_tokens=12) for c in chats]
-    for bs in (1, 2, 16):
-        assert generate_batch(model, tok, chats, max_new_tokens=12, batch_size=bs) == want
-
-
-def test_batched_ids_stop_early_rows_and_sampling_seed(tmp_path):
-    write_checkpoint(tmp_path, "llama3")
-    model = md.load_model(tmp_path, dtype=torch.float32)
-    g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(3, 96, (6,), generator=g).tolist() for _ in range(6)]
-    greedy = [generate_ids(model, p, max_new_tokens=10) for p in prompts]
-    stop = [greedy[0][2], greedy[3][5]]  # rows stop at different steps; the batch shrinks
-    want = [generate_ids(model, p, max_new_tokens=10, stop_ids=stop) for p in prompts]
-    assert generate_ids_batch(model, prompts, max_new_tokens=10, stop_ids=stop, batch_size=4) == want
-    a = generate_ids_batch(model, prompts, max_new_tokens=8, temperature=1.0, seed=3)
-    b = generate_ids_batch(model, prompts, max_new_tokens=8, temperature=1.0, seed=3)
-    assert a == b and all(len(x) == 8 for x in a)
-
-
-def test_longrope_crossing_falls_back_to_unbatched(tmp_path, monkeypatch):
-    write_checkpoint(tmp_path, "phi4-mini")  # original context 32
-    model = md.load_model(tmp_path, dtype=torch.float32)
-    prompts = [[5, 6, 7, 8] * 5, [9, 10, 11, 12] * 5]
-    want = [generate_ids(model, p, max_new_tokens=20) for p in prompts]
-    calls = []
-    real = gen.generate_ids
-    monkeypatch.setattr(gen, "generate_ids", lambda *a, **k: calls.append(1) or real(*a, **k))
-    assert generate_ids_batch(model, prompts, max_new_tokens=20) == want
-    assert len(calls) == 2  # 20 + 20 > 32: the cache must be rebuilt per sequence
-    calls.clear()
-    assert generate_ids_batch(model, prompts, max_new_tokens=5) == [w[:5] for w in want]
-    assert not calls
 
 
 def prompt_file(tmp_path):
@@ -78,72 +38,94 @@ def prompt_file(tmp_path):
 
 
 def fake_generation(outputs):
-    """Replace generation by a table from the prompt text to its K replies, in order."""
+    """Replace generation by a table from the prompt text to its K (reply, reason) pairs; the
+    completions come back in reverse order, as a ragged batch may finish them."""
     calls = []
 
     def fake(model, tok, chats, **kw):
-        calls.append(len(chats))
+        calls.append(dict(kw, n=len(chats)))
         seen, out = {}, []
-        for c in chats:
+        for i, c in enumerate(chats):
             q = c[-1]["content"]
-            out.append(outputs[q][seen.get(q, 0)])
+            text, reason = outputs[q][seen.get(q, 0)]
             seen[q] = seen.get(q, 0) + 1
-        return out
+            out.append(Completion(i, [], reason, text))
+        return iter(out[::-1])
     return fake, calls
 
 
-OUTPUTS = {"q0": ["<think>\n1 + 2 = 3\n</think>\nThe answer is 3.", "<think>oops</think> The answer is 4."],
-           "q1": ["no think block, 7", "<think>never closes"],
-           "q2": ["<think>a</think>1000", "<think>b</think>It is 1000.5"]}
+OUTPUTS = {"q0": [("<think>\n1 + 2 = 3\n</think>\nThe answer is 3.", "stop"),
+                  ("<think>oops</think> The answer is 4.", "stop")],
+           "q1": [("no think block, 7", "stop"), ("<think>never closes", "length")],
+           "q2": [("<think>a</think>1000", "stop"), ("<think>b</think>It is 1000.5", "stop")]}
 
 
 def test_trace_records_split_and_resume(tmp_path, demo, monkeypatch):
     model, tok, _ = demo
     fake, calls = fake_generation(OUTPUTS)
-    monkeypatch.setattr(gen, "generate_batch", fake)
+    monkeypatch.setattr(traces, "iter_replies", fake)
     prompts, _ = read_prompts(prompt_file(tmp_path))
     out = tmp_path / "traces.jsonl"
-    stats = write_traces(model, tok, prompts[:2], out, num_samples=2, batch_size=2, progress=False)
-    assert stats == {"prompts": 2, "skipped": 0, "generated": 4, "kept": 3, "unfinished": 1, "rejected": 0}
-    assert calls == [2, 2]  # batch_size 2 / 2 samples = one prompt per call
+    stats = write_traces(model, tok, prompts[:2], out, num_samples=2, batch_size=3, seed=10, progress=False)
+    assert stats == {"prompts": 2, "skipped": 0, "generated": 4, "kept": 3, "unfinished": 1, "rejected": 0,
+                     "truncated": 1}
+    assert len(calls) == 1 and calls[0]["n"] == 4 and calls[0]["batch_size"] == 3  # one ragged stream
     recs = [json.loads(line) for line in out.read_text().splitlines()]
-    assert recs[0] == {"messages": [{"role": "user", "content": "q0"},
-                                    {"role": "assistant", "content": "The answer is 3."}],
-                       "reasoning": "1 + 2 = 3", "answer": "The answer is 3.", "prompt_id": 0, "sample": 0}
-    assert recs[2]["prompt_id"] == "b" and recs[2]["reasoning"] is None and recs[2]["answer"] == "no think block, 7"
+    by = {(r["prompt_id"], r["sample"]): r for r in recs}
+    assert set(by) == {(0, 0), (0, 1), ("b", 0)}
+    assert by[0, 0] == {"messages": [{"role": "user", "content": "q0"},
+                                     {"role": "assistant", "content": "The answer is 3."}],
+                        "reasoning": "1 + 2 = 3", "answer": "The answer is 3.", "prompt_id": 0, "sample": 0}
+    assert by["b", 0]["reasoning"] is None and by["b", 0]["answer"] == "no think block, 7"
     # The records train as dolphin-r1 rows: the reasoning goes back inside <think>.
-    from minidistill.records import detect_format, to_messages
-    assert detect_format(recs[0]) == "dolphin-r1"
-    assert to_messages(recs[0], "dolphin-r1")[-1]["content"] == "<think>\n1 + 2 = 3\n</think>\nThe answer is 3."
-    # Resume: the first two prompts are done; only q2 runs.
-    calls.clear()
-    stats = write_traces(model, tok, prompts, out, num_samples=2, batch_size=4, progress=False)
-    assert stats["skipped"] == 2 and stats["generated"] == 2 and calls == [2]
-    assert [json.loads(line)["prompt_id"] for line in out.read_text().splitlines()] == [0, 0, "b", 2, 2]
+    from minidistill.records import detect_schema, to_messages
+    assert detect_schema(recs[0]) == "dolphin-r1"
+    assert to_messages(by[0, 0], "dolphin-r1")[-1]["content"] == "<think>\n1 + 2 = 3\n</think>\nThe answer is 3."
+    # Resume: the first two prompts are done; only q2 runs, with the seeds of its place in the file.
+    stats = write_traces(model, tok, prompts, out, num_samples=2, batch_size=4, seed=10, progress=False)
+    assert stats["skipped"] == 2 and stats["generated"] == 2 and calls[1]["n"] == 2
+    assert calls[0]["seed"] == [10, 11, 12, 13] and calls[1]["seed"] == [14, 15]
+    assert sorted(json.loads(line)["prompt_id"] for line in out.read_text().splitlines()[3:]) == [2, 2]
 
 
 def test_verify_keeps_only_matching_answers_and_resumes(tmp_path, demo, monkeypatch, capsys):
     model, tok, folder = demo
     fake, calls = fake_generation(OUTPUTS)
-    monkeypatch.setattr(gen, "generate_batch", fake)
+    monkeypatch.setattr(traces, "iter_replies", fake)
     out = tmp_path / "verified.jsonl"
     argv = ["--model", str(folder), "--prompts", str(prompt_file(tmp_path)), "--output", str(out),
-            "--num-samples", "2", "--temperature", "0.7", "--verify", "answer", "--device", "cpu"]
-    gen.main(argv)
+            "--num-samples", "2", "--temperature", "0.7", "--verify", "answer", "--device", "cpu", "--stop", "##"]
+    cli_main("generate")(argv)
     recs = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [(r["prompt_id"], r["sample"]) for r in recs] == [(0, 0), ("b", 0), (2, 0)]
-    assert recs[2]["reference"] == "The answer is 1,000."
-    assert "kept 3/6 verified samples (1 unfinished, 2 rejected)" in capsys.readouterr().out
+    assert sorted((str(r["prompt_id"]), r["sample"]) for r in recs) == [("0", 0), ("2", 0), ("b", 0)]
+    assert [r["reference"] for r in recs if r["prompt_id"] == 2] == ["The answer is 1,000."]
+    assert calls[0]["stop_strings"] == ["##"] and calls[0]["temperature"] == 0.7
+    printed = capsys.readouterr().out
+    assert "kept 3/6 verified samples (1 unfinished, 2 rejected; 1 reached --max-new-tokens)" in printed
     calls.clear()
-    gen.main(argv)  # every prompt done (also those with no kept sample): nothing runs
-    assert calls == [] and len(out.read_text().splitlines()) == 3
+    cli_main("generate")(argv)  # every prompt done (also those with no kept sample): nothing runs
+    assert calls == []
+    assert len(out.read_text().splitlines()) == 3
 
 
 def test_r1_generation_starts_inside_think(demo, tmp_path, monkeypatch):
     model, tok, _ = demo
     monkeypatch.setattr(tok, "render_chat", lambda m, add_generation_prompt=False: "<｜Assistant｜><think>\n")
-    monkeypatch.setattr(gen, "generate_batch", lambda *a, **k: ["step one\n</think>\n\nThe answer is 3."])
+    monkeypatch.setattr(traces, "iter_replies",
+                        lambda *a, **k: iter([Completion(0, [], "stop", "step one\n</think>\n\nThe answer is 3.")]))
     prompts, _ = read_prompts(prompt_file(tmp_path), limit=1)
     write_traces(model, tok, prompts, tmp_path / "r1.jsonl", progress=False)
     rec = json.loads((tmp_path / "r1.jsonl").read_text())
     assert (rec["reasoning"], rec["answer"]) == ("step one", "The answer is 3.")
+
+
+def test_real_generation_writes_the_batched_replies(demo, tmp_path, monkeypatch):
+    model, tok, _ = demo
+    prompts, _ = read_prompts(prompt_file(tmp_path))
+    want = list(iter_replies(model, tok, [p.messages for p in prompts], max_new_tokens=6, batch_size=2))
+    # The random demo model never closes a think block: count every reply as a finished answer.
+    monkeypatch.setattr(traces, "think_stats", lambda text, started_in_think=False: ThinkStats(None, text + "!", False))
+    stats = write_traces(model, tok, prompts, tmp_path / "t.jsonl", max_new_tokens=6, batch_size=2, progress=False)
+    recs = {r["prompt_id"]: r["answer"] for r in map(json.loads, (tmp_path / "t.jsonl").read_text().splitlines())}
+    assert recs == {prompts[c.index].id: c.text + "!" for c in want}
+    assert (stats["generated"], stats["truncated"]) == (3, sum(c.reason == "length" for c in want))

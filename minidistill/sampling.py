@@ -1,0 +1,433 @@
+"""Generation with the KV cache: one sampler, and one decoder for one prompt or many.
+
+Ragged batches: prompts are prefilled in chunks of similar lengths, right padded (a pad comes
+after its row's tokens, so causal attention keeps it out of them), and their keys are copied
+into a shared left-padded decode cache, row r in slots [start_r, pos); every row writes its
+next key at the shared slot `pos`, `KVCache.key_mask` (B, slots) keeps each row to its own
+slots and each row has its own position ids, so a row sees what it would see decoded alone.
+Finished rows (a stop id, a stop string, `max_new_tokens`) leave and waiting prompts take
+their place: `batch_size` sequences decode together whatever their lengths, with one host
+sync per step (reading the sampled ids).
+
+LongRoPE: rows decode in two groups, short factors and long factors (each forward then has one
+rule, whether the model picks the factors per row or from the largest position). A row that
+outgrows the original context leaves the short group, is prefilled again over its whole
+sequence on the long factors (what generating it alone does) and joins the long group.
+
+Sampling: argmax at temperature 0, else the token where one uniform falls in the cumulative
+distribution of softmax(logits / temperature), cut to the top_p nucleus. Prompt i draws its
+uniforms from `torch.Generator().manual_seed(seed + i)` (or `seed[i]` for a list of seeds), so
+its tokens depend neither on the batch size nor on the other prompts:
+`generate_ids(prompts[i], seed=seed + i)` samples the same ones.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from .model import KVCache, Transformer
+from .progress import Progress
+
+
+def sample_next(logits: Tensor, temperature: float = 0.0, top_p: float = 1.0, u: Tensor | None = None) -> Tensor:
+    """(B, V) logits -> (B,) token ids: greedy at temperature 0, else inverse-CDF sampling of the
+    top_p nucleus with u (B,), one uniform in [0, 1) per row."""
+    if temperature <= 0.0:
+        return logits.argmax(-1)
+    if u is None:
+        raise ValueError(f"sampling at temperature {temperature} needs one uniform per row (u)")
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
+    order = None
+    if top_p < 1.0:
+        probs, order = probs.sort(dim=-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)
+    cdf = probs.cumsum(-1)  # (B, V)
+    # (1 - 1e-6): the point stays below the last edge when u * mass rounds up.
+    x = (u.to(cdf) * cdf[:, -1] * (1 - 1e-6))[:, None]  # (B, 1)
+    idx = torch.searchsorted(cdf, x, right=True)  # (B, 1): first token whose cdf passes x
+    return idx.squeeze(1) if order is None else order.gather(-1, idx).squeeze(1)
+
+
+@dataclass
+class Completion:
+    """One finished generation: the prompt's index in the call, its new token ids (a stop id is
+    not included), why it ended ("stop": a stop id or string; "length": max_new_tokens reached),
+    and, for chat replies, the text (cut before a stop string)."""
+
+    index: int
+    ids: list[int]
+    reason: str
+    text: str | None = None
+
+
+@dataclass
+class _Settings:
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    stop_ids: frozenset
+    stop_strings: tuple
+    decode: Callable[[list[int]], str] | None
+    on_token: Callable[[int, int], None] | None
+    original_context: int | None  # LongRoPE's original_max_position_embeddings, else None
+
+
+@dataclass
+class _Row:
+    index: int
+    prompt: list[int]
+    noise: Tensor | None  # (max_new_tokens,) this prompt's uniforms; None when greedy
+    long: bool  # decoded with LongRoPE's long factors
+    out: list[int]
+
+
+def _push(row: _Row, tok: int, s: _Settings) -> str | None:
+    """Add a sampled token to a row; returns why the row ends ("stop", "length") or None."""
+    if tok in s.stop_ids:
+        return "stop"
+    row.out.append(tok)
+    if s.on_token is not None:
+        s.on_token(row.index, tok)
+    if s.stop_strings:
+        # A stop string of L characters spans at most 4L byte-level tokens: decode only that tail.
+        tail = s.decode(row.out[-(4 * max(map(len, s.stop_strings)) + 4):])
+        if any(x in tail for x in s.stop_strings):
+            return "stop"
+    return "length" if len(row.out) >= s.max_new_tokens else None
+
+
+def _crosses(row: _Row, s: _Settings) -> bool:
+    """The row's sequence just outgrew LongRoPE's original context on the short factors."""
+    return s.original_context is not None and not row.long and len(row.prompt) + len(row.out) > s.original_context
+
+
+def _fed(row: _Row) -> int:
+    """Tokens of the row already in (or about to go into) the cache: all but its last one."""
+    return len(row.prompt) + len(row.out) - 1
+
+
+def _chunks(rows: list[_Row], budget: int = 2048) -> list[list[_Row]]:
+    """Rows to prefill together: one LongRoPE group each, longest first, at most `budget` padded
+    tokens (or one row) and a quarter of padding."""
+    out: list[list[_Row]] = []
+    for row in sorted(rows, key=lambda r: (r.long, -len(r.prompt) - len(r.out))):
+        n, chunk = len(row.prompt) + len(row.out), out[-1] if out else None
+        if chunk and chunk[0].long == row.long:
+            width = len(chunk[0].prompt) + len(chunk[0].out)
+            used = sum(len(r.prompt) + len(r.out) for r in chunk) + n
+            if (len(chunk) + 1) * width <= min(budget, 1.25 * used):
+                chunk.append(row)
+                continue
+        out.append([row])
+    return out
+
+
+def _prefill(model: Transformer, rows: list[_Row], s: _Settings) -> tuple[KVCache, list[str | None]]:
+    """Prefill the rows' whole sequences together and sample each one's next token; returns the
+    cache (row j's keys in slots [0, its length)) and why each row ends (or None).
+
+    Right padding: a pad comes after its row's tokens, so causal attention keeps it out of them.
+    Pads sit at position 0, so a row's largest position is its own (LongRoPE's rule)."""
+    device = model.model.embed_tokens.weight.device
+    seqs = [r.prompt + r.out for r in rows]
+    width = max(map(len, seqs))
+    ids = torch.tensor([q + [0] * (width - len(q)) for q in seqs], device=device)  # (k, width)
+    pos = torch.tensor([list(range(len(q))) + [0] * (width - len(q)) for q in seqs], device=device)
+    cache = model.new_cache(len(rows), width)
+    hidden = model(ids, position_ids=pos, cache=cache, return_hidden=True)  # (k, width, H)
+    last = torch.tensor([len(q) - 1 for q in seqs], device=device)
+    logits = model.lm_head(hidden[torch.arange(len(rows), device=device), last])  # (k, V): last positions only
+    u = None if rows[0].noise is None else torch.stack([r.noise[len(r.out)] for r in rows]).to(device)
+    toks = sample_next(logits, s.temperature, s.top_p, u).tolist()
+    return cache, [_push(r, t, s) for r, t in zip(rows, toks)]
+
+
+class _Group:
+    """Rows decoded by one forward. Cache row r holds its keys in slots [starts[r], cache.pos);
+    rows[r] is None once that row has finished (it is refilled or dropped later)."""
+
+    def __init__(self, model: Transformer, s: _Settings, long: bool):
+        self.model, self.s, self.long = model, s, long
+        self.device = model.model.embed_tokens.weight.device
+        self.rows: list[_Row | None] = []
+        self.starts: list[int] = []
+        self.cache: KVCache | None = None
+        self.tokens = self._zeros(0)  # (B,) next input id of each row
+        self.positions = self._zeros(0)  # (B,) its position within the row
+        self.steps = self._zeros(0)  # (B,) tokens generated: index of the next uniform
+        self.alive = self._zeros(0)  # (B,) 1 for a live row: finished rows stay at position 0
+        self.noise = None if s.temperature <= 0 else torch.zeros(0, s.max_new_tokens, device=self.device)
+
+    def _zeros(self, n: int) -> Tensor:
+        return torch.zeros(n, dtype=torch.long, device=self.device)
+
+    @property
+    def live(self) -> int:  # rows still generating
+        return sum(r is not None for r in self.rows)
+
+    def _remaining(self, row: _Row) -> int:
+        return self.s.max_new_tokens - len(row.out)  # inputs still to feed = cache slots still needed
+
+    def rebuild(self, extra: int = 0, left: int = 0, right: int = 0, slack: int = 0) -> None:
+        """New buffers: the live rows (their live slots only), `extra` empty rows, at least `left`
+        slots before the write position and `right` + slack after it. Finished rows are dropped."""
+        keep = [i for i, r in enumerate(self.rows) if r is not None]
+        old, pos = self.cache, self.cache.pos if self.cache is not None else 0
+        lo = min((self.starts[i] for i in keep), default=pos)
+        hist = pos - lo  # slots of the oldest live row
+        n_left = max(hist, left)
+        n_right = max([right] + [self._remaining(self.rows[i]) for i in keep]) + slack
+        cache = self.model.new_cache(len(keep) + extra, n_left + n_right)
+        cache.pos = n_left
+        at = torch.tensor(keep, dtype=torch.long, device=self.device)
+        if keep:
+            for layer in range(len(cache.k)):
+                cache.k[layer][:len(keep), :, n_left - hist:n_left] = old.k[layer][at, :, lo:pos]
+                cache.v[layer][:len(keep), :, n_left - hist:n_left] = old.v[layer][at, :, lo:pos]
+        pad = self._zeros(extra)
+        self.tokens, self.positions, self.steps, self.alive = (
+            torch.cat([t[at], pad]) for t in (self.tokens, self.positions, self.steps, self.alive))
+        if self.noise is not None:
+            self.noise = torch.cat([self.noise[at], self.noise.new_zeros(extra, self.noise.shape[1])])
+        # Empty rows start at slot 0: a row with no key at all would turn its attention into NaN.
+        self.starts = [self.starts[i] - lo + n_left - hist for i in keep] + [0] * extra
+        self.rows = [self.rows[i] for i in keep] + [None] * extra
+        self.cache = cache
+        self._set_mask()
+
+    def add(self, new: list[tuple[_Row, KVCache, int]], slack: int) -> None:
+        """Rows join the group with their keys: row j of a prefill cache."""
+        free = [i for i, r in enumerate(self.rows) if r is None]
+        left, right = max(_fed(r) for r, _, _ in new), max(self._remaining(r) for r, _, _ in new)
+        c = self.cache
+        if c is None or len(free) < len(new) or c.pos < left or c.pos + right > c.max_len:
+            self.rebuild(len(new), left, right, slack)
+            free = [i for i, r in enumerate(self.rows) if r is None]
+        idx, pos = free[:len(new)], self.cache.pos
+        for i, (row, pc, j) in zip(idx, new):
+            n = _fed(row)
+            for layer in range(len(pc.k)):
+                self.cache.k[layer][i, :, pos - n:pos] = pc.k[layer][j, :, :n]
+                self.cache.v[layer][i, :, pos - n:pos] = pc.v[layer][j, :, :n]
+            self.rows[i], self.starts[i] = row, pos - n
+        at = torch.tensor(idx, dtype=torch.long, device=self.device)
+        self.tokens[at] = torch.tensor([r.out[-1] for r, _, _ in new], device=self.device)
+        self.positions[at] = torch.tensor([_fed(r) for r, _, _ in new], device=self.device)
+        self.steps[at] = torch.tensor([len(r.out) for r, _, _ in new], device=self.device)
+        self.alive[at] = 1
+        if self.noise is not None:
+            self.noise[at] = torch.stack([r.noise for r, _, _ in new]).to(self.device)
+        self._set_mask()
+
+    def drop(self, i: int) -> None:
+        self.rows[i] = None
+        self.positions[i], self.alive[i] = 0, 0  # so a finished row never moves LongRoPE's switch
+
+    def _set_mask(self) -> None:
+        if not any(s for s, r in zip(self.starts, self.rows) if r is not None):
+            self.cache.key_mask = None  # no padding: SDPA without a mask
+            return
+        starts = torch.tensor(self.starts, device=self.device)
+        slots = torch.arange(self.cache.max_len, device=self.device)
+        self.cache.key_mask = slots[None, :] >= starts[:, None]  # (B, slots)
+
+    def step(self) -> list[int]:
+        """One token for every row; returns the sampled ids (the step's one host sync)."""
+        logits = self.model(self.tokens[:, None], position_ids=self.positions[:, None], cache=self.cache)[:, -1]
+        u = None
+        if self.noise is not None:
+            u = self.noise.gather(1, self.steps.clamp(max=self.noise.shape[1] - 1)[:, None]).squeeze(1)  # (B,)
+        nxt = sample_next(logits, self.s.temperature, self.s.top_p, u)  # (B,)
+        self.tokens, self.positions, self.steps = nxt, self.positions + self.alive, self.steps + 1
+        return nxt.tolist()
+
+
+def _noise(n: int, count: int, seed: int | Sequence[int] | None, temperature: float) -> list[Tensor | None]:
+    """The uniforms of each prompt (see the module docstring for the seed rule)."""
+    if temperature <= 0:
+        return [None] * n
+    if seed is None:
+        return [torch.rand(count) for _ in range(n)]
+    seeds = [seed + i for i in range(n)] if isinstance(seed, int) else list(seed)
+    if len(seeds) != n:
+        raise ValueError(f"{len(seeds)} seeds for {n} prompts; give one seed per prompt, or one int")
+    return [torch.rand(count, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+
+
+@torch.no_grad()
+def iter_generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 256,
+                  temperature: float = 0.0, top_p: float = 1.0, stop_ids: Sequence[int] = (),
+                  stop_strings: Sequence[str] = (), decode: Callable[[list[int]], str] | None = None,
+                  seed: int | Sequence[int] | None = None, batch_size: int = 16,
+                  on_token: Callable[[int, int], None] | None = None,
+                  progress: Progress | None = None) -> Iterator[Completion]:
+    """Generate for token-id prompts, `batch_size` rows decoding together; yields a `Completion`
+    per prompt as each finishes (in any order). stop_strings end a row once the decoded text of
+    its new tokens holds one (`decode` turns ids into text); on_token(index, id) sees every new
+    token. See the module docstring for batching, LongRoPE and seeds."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty; generate needs at least one prompt token")
+    if stop_strings and decode is None:
+        raise ValueError("stop_strings need `decode` (token ids -> text), e.g. tok.decode")
+    if max_new_tokens < 1:
+        yield from (Completion(i, [], "length") for i in range(len(prompts)))
+        return
+    cfg = model.config
+    s = _Settings(max_new_tokens, temperature, top_p, frozenset(stop_ids), tuple(x for x in stop_strings if x),
+                  decode, on_token,
+                  cfg.original_max_position_embeddings if cfg.rope_type == "longrope" else None)
+    noise = _noise(len(prompts), max_new_tokens, seed, temperature)
+    # Longest prompts first: later ones then fit the left padding that is already there.
+    waiting = deque(sorted(range(len(prompts)), key=lambda i: -len(prompts[i])))
+    groups: list[_Group] = []
+    pending: list[_Row] = []  # rows to prefill: new prompts, and rows past LongRoPE's original context
+    live = 0  # rows pending or in groups
+    tick = progress.update if progress is not None else (lambda done=0, tokens=0: None)
+
+    def finish(row: _Row, reason: str) -> Completion:
+        nonlocal live
+        live -= 1
+        tick(done=1)
+        return Completion(row.index, row.out, reason)
+
+    while waiting or pending or groups:
+        while waiting and live < batch_size:
+            i = waiting.popleft()
+            live += 1
+            pending.append(_Row(i, list(prompts[i]), noise[i], s.original_context is not None
+                                and len(prompts[i]) > s.original_context, []))
+        joining: dict[bool, list[tuple[_Row, KVCache, int]]] = {}  # by LongRoPE factors
+        todo, pending = pending, []
+        for chunk in _chunks(todo):
+            cache, reasons = _prefill(model, chunk, s)
+            tick(tokens=len(chunk))
+            for j, (row, reason) in enumerate(zip(chunk, reasons)):
+                if reason is not None:
+                    yield finish(row, reason)
+                elif _crosses(row, s):  # its first token took it past the original context
+                    row.long = True
+                    pending.append(row)
+                else:
+                    joining.setdefault(row.long, []).append((row, cache, j))
+        for long, new in joining.items():
+            group = next((g for g in groups if g.long == long), None)
+            if group is None:
+                group = _Group(model, s, long)
+                groups.append(group)
+            group.add(new, slack=max_new_tokens if waiting else 0)  # room for prompts still to come
+        for g in groups:
+            if 4 * (len(g.rows) - g.live) >= len(g.rows):  # finished rows nobody took: leave the batch
+                g.rebuild()
+        for g in groups:
+            ids = g.step()
+            tick(tokens=g.live)
+            for i, tok in enumerate(ids):
+                row = g.rows[i]
+                if row is None:
+                    continue
+                reason = _push(row, tok, s)
+                if reason is None and not _crosses(row, s):
+                    continue
+                g.drop(i)
+                if reason is not None:
+                    yield finish(row, reason)
+                else:  # past LongRoPE's original context: prefill it again, on the long factors
+                    row.long = True
+                    pending.append(row)
+        groups = [g for g in groups if g.live]
+
+
+def generate_ids(model: Transformer, prompt_ids: Sequence[int], *, max_new_tokens: int = 256,
+                 temperature: float = 0.0, top_p: float = 1.0, stop_ids: Sequence[int] = (),
+                 seed: int | None = None, on_token: Callable[[int], None] | None = None,
+                 stop_strings: Sequence[str] = (), decode: Callable[[list[int]], str] | None = None) -> list[int]:
+    """Generate up to max_new_tokens after prompt_ids; the stop token is not returned."""
+    (done,) = iter_generate(model, [prompt_ids], max_new_tokens=max_new_tokens, temperature=temperature,
+                            top_p=top_p, stop_ids=stop_ids, stop_strings=stop_strings, decode=decode,
+                            seed=None if seed is None else [seed], batch_size=1,
+                            on_token=None if on_token is None else (lambda _, t: on_token(t)))
+    return done.ids
+
+
+def generate_ids_batch(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 256,
+                       temperature: float = 0.0, top_p: float = 1.0, stop_ids: Sequence[int] = (),
+                       seed: int | Sequence[int] | None = None, batch_size: int = 16,
+                       stop_strings: Sequence[str] = (),
+                       decode: Callable[[list[int]], str] | None = None) -> list[list[int]]:
+    """`generate_ids` for many prompts, `batch_size` decoding together whatever their lengths;
+    results in prompt order. Greedy output equals `generate_ids` prompt by prompt."""
+    done = iter_generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                         stop_ids=stop_ids, stop_strings=stop_strings, decode=decode, seed=seed, batch_size=batch_size)
+    return [c.ids for c in sorted(done, key=lambda c: c.index)]
+
+
+def _chat(messages_or_text: list[dict] | str) -> list[dict]:
+    return [{"role": "user", "content": messages_or_text}] if isinstance(messages_or_text, str) else messages_or_text
+
+
+def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
+    """The text before the first stop string it holds."""
+    cut = min((i for i in (text.find(x) for x in stop_strings if x) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def generate(model: Transformer, tok, messages_or_text: list[dict] | str, *, max_new_tokens: int = 256,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+             stream: Callable[[str], None] | None = None, stop_strings: Sequence[str] = ()) -> str:
+    """Answer a chat (a list of {"role", "content"} messages, or one user message as a str).
+
+    Returns the assistant reply as text, cut before any stop string; `stream` receives it
+    piece by piece."""
+    prompt, _ = tok.encode_chat(_chat(messages_or_text), add_generation_prompt=True)
+    out: list[int] = []
+    printed = 0
+    hold = max(map(len, stop_strings), default=1) - 1  # text that may yet turn into a stop string
+
+    def on_token(t: int) -> None:
+        nonlocal printed
+        out.append(t)
+        text = tok.decode(out)
+        if text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            return
+        safe = min(len(cut_at_stop(text, stop_strings)), len(text) - hold)
+        if safe > printed:
+            stream(text[printed:safe])
+            printed = safe
+
+    ids = generate_ids(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                       stop_ids=tok.stop_ids, seed=seed, on_token=on_token if stream else None,
+                       stop_strings=stop_strings, decode=tok.decode)
+    text = cut_at_stop(tok.decode(ids), stop_strings)
+    if stream and len(text) > printed:
+        stream(text[printed:])
+    return text
+
+
+def iter_replies(model: Transformer, tok, chats: Sequence[list[dict] | str], *, max_new_tokens: int = 256,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int | Sequence[int] | None = None,
+                 batch_size: int = 16, stop_strings: Sequence[str] = (),
+                 progress: Progress | None = None) -> Iterator[Completion]:
+    """`iter_generate` for chats: yields each reply's `Completion`, with its text, as it finishes."""
+    ids = [tok.encode_chat(_chat(m), add_generation_prompt=True)[0] for m in chats]
+    for c in iter_generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                           stop_ids=tok.stop_ids, stop_strings=stop_strings, decode=tok.decode, seed=seed,
+                           batch_size=batch_size, progress=progress):
+        c.text = cut_at_stop(tok.decode(c.ids), stop_strings)
+        yield c
+
+
+def generate_batch(model: Transformer, tok, prompts: Sequence[list[dict] | str], *, max_new_tokens: int = 256,
+                   temperature: float = 0.0, top_p: float = 1.0, seed: int | Sequence[int] | None = None,
+                   batch_size: int = 16, stop_strings: Sequence[str] = ()) -> list[str]:
+    """Answer many chats at once (see `iter_generate`); returns the replies in order."""
+    done = iter_replies(model, tok, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                        seed=seed, batch_size=batch_size, stop_strings=stop_strings)
+    return [c.text for c in sorted(done, key=lambda c: c.index)]
