@@ -12,35 +12,35 @@ from pathlib import Path
 import torch
 
 import minidistill as md
-from minidistill.batches import make_batches
-from minidistill.data import DataConfig, prepare_data
-from minidistill.demo import DEMO_DATA, demo_model_dir
+
+DEMO_DATA = Path(__file__).resolve().parent / "data" / "arithmetic.jsonl"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="preset, repo id or folder (default: the demo model)")
+    p.add_argument("--model", default="demo", help="preset, repo id or folder (default: the demo model)")
     p.add_argument("--data", default=str(DEMO_DATA), help="training data (default: %(default)s)")
     p.add_argument("--steps", type=int, default=60, help="optimizer steps (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="default: %(default)s")
     p.add_argument("--output", default="runs/custom-loop", help="adapter folder parent (default: %(default)s)")
     args = p.parse_args()
-    model_dir = args.model or str(demo_model_dir())
+    model_dir = args.model
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
 
     tok = md.load_tokenizer(model_dir)
-    data = prepare_data(args.data, tok, DataConfig(max_seq_len=256))  # prints what was kept and dropped
+    data = md.prepare_data(args.data, tok, md.DataConfig(max_seq_len=256))  # prints what was kept and dropped
     model = md.load_model(model_dir, dtype=dtype, device=args.device)
     md.apply_lora(model, md.LoraConfig(r=32, alpha=32, targets="all-linear"))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
 
-    batches = make_batches(data, batch_size=8, seq_len=256, seed=0)
+    batches = md.make_batches(data, batch_size=8, seq_len=256, seed=0)  # packed rows
     model.train()
     for step in range(args.steps):
         b = batches[step % len(batches)]
-        hidden = model(b.input_ids.to(args.device), position_ids=b.position_ids.to(args.device),
-                       document_ids=b.document_ids.to(args.device), return_hidden=True)
-        out = md.chunked_cross_entropy(hidden, model.head_weight, b.labels.to(args.device))
+        # model_inputs: ids, positions restarting per sample, and the row layout attention needs
+        hidden = model(**b.model_inputs(args.device), return_hidden=True)
+        out = md.chunked_cross_entropy(hidden, model.head_weight, b.labels.to(args.device),
+                                       positions=b.label_index.to(args.device))
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

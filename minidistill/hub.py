@@ -38,8 +38,13 @@ def repo_id_for(name_or_path: str) -> str | None:
 def resolve_model_dir(name_or_path: str, *, weights: bool = True, revision: str | None = None) -> Path:
     """Return a local folder with the checkpoint's files, downloading what is missing.
 
-    weights=False fetches only config, generation config and tokenizer files.
+    weights=False fetches only config, generation config and tokenizer files. "demo" names
+    the offline demo's tiny model (built on first use), so every command can be tried on it.
     """
+    if name_or_path == "demo" and not os.path.isdir(name_or_path):
+        from .demo import demo_model_dir
+
+        return demo_model_dir()
     repo = repo_id_for(name_or_path)
     if repo is None:
         return Path(name_or_path)

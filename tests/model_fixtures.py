@@ -94,3 +94,30 @@ def write_checkpoint(folder: Path, name: str, *, seed: int = 0, shard: bool = Fa
     if hub_layout:
         (folder / "config.json").write_text(json.dumps(hub_config, indent=2))
     return model
+
+
+# ---- helpers shared by the model, LoRA, adapter and export tests
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest absolute difference relative to the largest magnitude of the reference b."""
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def ids(n: int = 12, batch: int = 2, vocab: int = 96, seed: int = 1) -> torch.Tensor:
+    """(batch, n) token ids, the same for every call with the same arguments."""
+    return torch.randint(0, vocab, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def randomise_lora(module: torch.nn.Module, seed: int = 3) -> None:
+    """Non-zero LoRA weights (B starts at zero), so adapters change the outputs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "lora_B" in name or "lora_A" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def ours(folder):
+    """Our model from a checkpoint folder, in fp32."""
+    import minidistill as md
+
+    return md.load_model(folder, dtype=torch.float32)

@@ -13,8 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from minidistill.demo import build_demo_model, write_demo_data
-from minidistill.runstate import latest_checkpoint as runstate_latest
-from minidistill.train import TrainConfig, lr_at, main, parse_args, train
+from minidistill.checkpoints import latest_checkpoint
+from minidistill.train import main, parse_args
+from minidistill.train_config import TrainConfig, lr_at
+from minidistill.trainer import train
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +60,7 @@ def test_learns_and_writes_outputs(setup, monkeypatch):
     assert (out / "adapter" / "adapter_config.json").exists()
     assert (out / "adapter" / "adapter_model.safetensors").exists()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000020", "step_000040"]
-    assert json.loads((out / "config.json").read_text())["lora_r"] == 8
+    assert json.loads((out / "config.json").read_text())["lora"]["r"] == 8
     samples = (out / "samples.md").read_text()
     assert "**Before**" in samples and "**After**" in samples
     assert (out / "merged" / "config.json").exists()
@@ -117,8 +119,8 @@ def test_ctrl_c_saves_at_a_step_boundary_and_resumes_identically(setup):
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
-    assert "interrupted: saved" in out and "--resume" in out
-    saved = runstate_latest(stopped)
+    assert "interrupted: saved" in err and "--resume" in err
+    saved = latest_checkpoint(stopped)
     assert saved is not None and 3 <= int(saved.name.split("_")[1]) < 30
     subprocess.run([sys.executable, "-m", "minidistill.train", *args_c, "--resume"], check=True, env=env(root),
                    capture_output=True, timeout=300)
@@ -205,6 +207,12 @@ def test_schedule():
     (["--model", "x", "--data", "y", "--eval-every", "5"], "--eval-every needs --eval-data or --eval-split"),
     (["--model", "x", "--data", "y", "--schedule", "step"], "invalid choice: 'step'"),
     (["--model", "x", "--data", "y", "--grad-accum", "0"], "--grad-accum must be >= 1"),
+    (["--model", "x", "--data", "y", "--lr", "0"], "--lr must be > 0, got 0.0"),
+    (["--model", "x", "--data", "y", "--lr", "nan"], "--lr must be a finite number, got nan"),
+    (["--model", "x", "--data", "y", "--kd-weight", "inf"], "--kd-weight must be a finite number"),
+    (["--model", "x", "--data", "y", "--lora-alpha", "-1"], "--lora-alpha must be >= 0, got -1.0"),
+    (["--model", "x", "--data", "y", "--lora-dropout", "1"], "--lora-dropout must be in [0, 1), got 1.0"),
+    (["--model", "x", "--data", "y", "--resume", "--overwrite"], "use either --resume"),
 ])
 def test_flag_errors(argv, msg, capsys):
     with pytest.raises(SystemExit):
@@ -256,8 +264,8 @@ def test_teacher_with_another_tokenizer_is_refused(setup, tmp_path):
 def test_flags_parse_to_config_types():
     cfg = parse_args(["--model", "m", "--data", "d", "--limit", "3", "--lr", "1e-3", "--no-packing",
                       "--quantize", "nf4", "--lora-targets", "all-linear"])
-    assert cfg.limit == 3 and cfg.lr == 1e-3 and cfg.packing is False and cfg.quantize == "nf4"
-    assert cfg.teacher is None and cfg.max_steps == 0 and cfg.lora_targets == "all-linear"
+    assert cfg.data_config.limit == 3 and cfg.lr == 1e-3 and cfg.packing is False and cfg.quantize == "nf4"
+    assert cfg.distill.teacher is None and cfg.max_steps == 0 and cfg.lora.targets == ("all-linear",)
 
 
 def test_bad_input_is_one_line_not_a_traceback(setup, tmp_path):
@@ -277,5 +285,45 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(setup, tmp_path):
     assert r.returncode != 0
     assert "non-finite loss or gradient, step skipped (1 so far)" in r.stdout
     assert "5 steps in a row had a non-finite loss or gradient; stopping. Last good checkpoint:" in r.stderr
-    last = runstate_latest(tmp_path / "nan")
+    last = latest_checkpoint(tmp_path / "nan")
     assert last is not None and str(last) in r.stderr  # it names the checkpoint to go back to
+
+
+def test_one_run_per_output_folder(setup, tmp_path):
+    from minidistill.run_folder import RunLock
+
+    root, model, data = setup
+    out = tmp_path / "busy"
+    out.mkdir()
+    with RunLock(out):  # a run in progress holds the folder
+        r = subprocess.run([sys.executable, "-m", "minidistill.train", *common(model, data, out, steps=1)],
+                           env=env(root), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and f"{out} is in use by another run (pid {os.getpid()} on " in r.stderr
+    assert not (out / "config.json").exists()
+    done = tmp_path / "done"
+    subprocess.run([sys.executable, "-m", "minidistill.train", *common(model, data, done, steps=1)], check=True,
+                   env=env(root), capture_output=True, timeout=120)
+    rows = (done / "metrics.jsonl").read_text()
+    again = subprocess.run([sys.executable, "-m", "minidistill.train", *common(model, data, done, steps=1)],
+                           env=env(root), capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "already holds" in again.stderr and "--overwrite" in again.stderr
+    assert (done / "metrics.jsonl").read_text() == rows  # nothing of the first run was touched
+    subprocess.run([sys.executable, "-m", "minidistill.train", *common(model, data, done, steps=2), "--overwrite"],
+                   check=True, env=env(root), capture_output=True, timeout=120)
+    assert [json.loads(l)["step"] for l in (done / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_resume_with_other_data_is_refused(setup, tmp_path):
+    root, model, data = setup
+    out = tmp_path / "run"
+    subprocess.run([sys.executable, "-m", "minidistill.train", *common(model, data, out, steps=2)], check=True,
+                   env=env(root), capture_output=True, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "minidistill.train", *common(model, data, out, steps=3), "--resume",
+                        "--limit", "300"], env=env(root), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "the data differs from the run's (records 400 -> 300" in r.stderr
+    ok = subprocess.run([sys.executable, "-m", "minidistill.train", *common(model, data, out, steps=3), "--resume",
+                         "--limit", "300", "--allow-data-change"], env=env(root), capture_output=True, text=True,
+                        timeout=120)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "--allow-data-change: training goes on with other data" in ok.stdout
+    assert json.loads((out / "config.json").read_text())["allow_data_change"] is True

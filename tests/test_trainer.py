@@ -1,0 +1,95 @@
+"""The training loop's phases on a tiny model: setup, train_step, eval and checkpoints, and the
+promise of no host sync inside a step."""
+
+from __future__ import annotations
+
+import traceback
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from minidistill.demo import build_demo_model, write_demo_data
+from minidistill.errors import MinidistillError
+from minidistill.lora import LoraConfig
+from minidistill.samples import DataConfig
+from minidistill.train_config import TrainConfig
+from minidistill.trainer import setup, train, train_step
+
+# Ops whose result the host must wait for (data-dependent values or shapes).
+SYNC_OPS = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique", "aten.item")
+
+
+class CountSyncs(TorchDispatchMode):
+    """Records the sync ops run, with the line of minidistill that ran them. AdamW's own step
+    counter is read on the host by design (it lives on the CPU even when training on a GPU),
+    so ops called from torch.optim are not counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if any(name.startswith(op) for op in SYNC_OPS):
+            stack = traceback.extract_stack()
+            if not any("torch/optim/" in f.filename for f in stack):
+                ours = [f for f in stack if "/minidistill/" in f.filename]
+                self.seen.append(f"{name} at {ours[-1].filename.split('/')[-1]}:{ours[-1].lineno}" if ours else name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trainer")
+    return root, build_demo_model(root / "model", hidden=64, layers=2), write_demo_data(root / "data.jsonl", n=120, seed=4)
+
+
+def config(tiny, out, **kw) -> TrainConfig:
+    root, model, data = tiny
+    base = dict(model=str(model), data=str(data), output=str(out), max_steps=3, batch_size=2, grad_accum=3,
+                lr=1e-3, warmup_steps=1, grad_checkpointing=False, sample_max_tokens=2, device="cpu", save_every=0,
+                data_config=DataConfig(max_seq_len=128, cache_dir=str(root / "cache")), lora=LoraConfig(r=4))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_a_step_has_one_host_read_and_no_sync_inside(tiny, tmp_path, monkeypatch, recompute):
+    run = setup(config(tiny, tmp_path / "run", grad_checkpointing=recompute))
+    micro = run.stream.take(run.state, 3)
+    reads = []
+    real_tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t.shape) or real_tolist(t))
+    with CountSyncs() as c:
+        row = train_step(run, micro)
+    run.stream.close()
+    assert c.seen == [], c.seen  # nothing in the step waits for the device...
+    assert len(reads) == 1  # ...but the one read of the step's scalars
+    assert row["step"] == 1 and row["tokens"] == sum(b.num_tokens for b in micro) > 0
+    assert run.state.step == 1 and run.state.index == 3
+
+
+def test_train_raises_on_bad_input_instead_of_exiting(tiny, tmp_path):
+    with pytest.raises(ValueError, match="--eval-every needs --eval-data or --eval-split"):
+        train(config(tiny, tmp_path / "a", eval_every=2))
+    with pytest.raises(FileNotFoundError):
+        train(config(tiny, tmp_path / "b", data=str(tmp_path / "missing.jsonl")))
+    (tmp_path / "c" / "checkpoints" / "step_000001").mkdir(parents=True)
+    (tmp_path / "c" / "checkpoints" / "step_000001" / "state.pt").write_bytes(b"")
+    with pytest.raises(MinidistillError, match="add --resume"):
+        train(config(tiny, tmp_path / "c"))
+
+
+def test_stream_prefetch_gives_the_batches_of_the_position(tiny, tmp_path):
+    run = setup(config(tiny, tmp_path / "run", grad_accum=2))
+    steps = len(run.stream.epoch_batches(0)) // 2 + 3  # into the second epoch
+    ahead = [b for _ in range(steps) for b in run.stream.take(run.state, 2)]  # the thread collates ahead
+    epoch, index, direct = 0, 0, []
+    for _ in range(steps):
+        got, epoch, index = run.stream._collate(epoch, index, 2)
+        direct += got
+    run.stream.close()
+    assert run.state.epoch == epoch == 1
+    assert run.state.index == index
+    assert all(torch.equal(a.input_ids, b.input_ids) and a.rows == b.rows for a, b in zip(ahead, direct))
