@@ -9,6 +9,7 @@ safetensors weights, and returns the transformers model holding the same weights
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -87,8 +88,9 @@ def write_checkpoint(folder: Path, name: str, *, seed: int = 0, shard: bool = Fa
     hub_layout=True rewrites config.json exactly as `CONFIGS` has it (the layout of hub repos);
     False keeps what this transformers version writes (the newer `rope_parameters` layout).
     """
-    hub_config = dict(CONFIGS[name], **overrides)
-    model = reference_model(hub_config, seed)
+    # Deep copies: transformers writes into nested dicts (rope_scaling) of the config it is given.
+    hub_config = copy.deepcopy(dict(CONFIGS[name], **overrides))
+    model = reference_model(copy.deepcopy(hub_config), seed)
     folder = Path(folder)
     model.save_pretrained(folder, max_shard_size="40KB" if shard else "5GB", safe_serialization=True)
     if hub_layout:
@@ -121,3 +123,25 @@ def ours(folder):
     import minidistill as md
 
     return md.load_model(folder, dtype=torch.float32)
+
+
+# ---- NF4 inputs shared by the quantizer (test_quant) and kernel (test_nf4) tests
+def nf4_weight(shape, dtype=torch.float32, seed=0) -> torch.Tensor:
+    """A weight of the scale of a real checkpoint's (std 0.02), the same for the same arguments."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * 0.02).to(dtype)
+
+
+def nf4_ties_and_zeros(blocksize: int) -> torch.Tensor:
+    """Blocks whose absmax is 1 (so x / absmax is exact) holding every fp32 midpoint between NF4
+    codes, the codes themselves, and ±1; then an all-zero block and a sign-only block."""
+    from minidistill.quant import NF4_CODE
+
+    code = torch.tensor(NF4_CODE)
+    mids = (code[:-1] + code[1:]) / 2
+    vals = torch.cat([mids, -mids, code, torch.tensor([1.0, -1.0])])
+    vals = torch.nn.functional.pad(vals, (0, -vals.numel() % blocksize)).view(-1, blocksize)
+    vals[:, 0] = 1.0  # absmax 1 in every block
+    zero = torch.zeros(1, blocksize)
+    small = torch.full((1, blocksize), -3e-3)
+    return torch.cat([vals, zero, small, vals * 2.0]).reshape(-1)  # *2: power of two, exact

@@ -264,20 +264,6 @@ def test_odd_shapes_match_full_logits(shape, chunk_size):
     _close(gw, rgw)
 
 
-def test_chunk_rows_from_budget():
-    from minidistill.chunked import chunk_rows
-
-    # Phi-4-mini: one fp32 (c, V) buffer, 200,064 * 4 + 3072 * 12 bytes a row -> 320 rows in 256 MiB;
-    # bf16 adds the compute-dtype logits (2 bytes) -> 216 rows -> 192 (multiples of 32).
-    assert chunk_rows(200064, 3072, torch.float32, buffers=1) == 320
-    assert chunk_rows(200064, 3072, torch.bfloat16, buffers=1) == 192
-    assert chunk_rows(200064, 3072, torch.float32, buffers=3) == 96  # KD keeps three: 110 -> 96
-    assert chunk_rows(200064, 3072, torch.float32, buffers=1, budget_mb=1024) == 1280
-    assert chunk_rows(200064, 3072, torch.float32, buffers=4, budget_mb=1) == 16  # floor
-    with pytest.raises(ValueError, match="chunk_budget_mb"):
-        chunk_rows(100, 8, torch.float32, buffers=1, budget_mb=0)
-
-
 def test_auto_chunk_keeps_transients_within_the_budget():
     Bm, Tm = 4, 15  # N = 60 labelled positions
     hidden, weight, labels = _inputs(B=Bm, T=Tm, frac_labelled=2.0)

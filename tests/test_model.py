@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import minidistill as md
-from minidistill.config import ModelConfig
 from model_fixtures import CONFIGS, rel_err, write_checkpoint
 
 transformers = pytest.importorskip("transformers")
@@ -53,41 +52,6 @@ def test_new_rope_parameters_layout_and_shards(tmp_path, name):
     x = ids(45)
     with torch.no_grad():
         assert rel_err(model(x), ref(x).logits) <= 1e-4
-
-
-def test_config_reads_phi4_mini_traits(tmp_path):
-    cfg = ModelConfig.from_hf(CONFIGS["phi4-mini"])
-    assert cfg.rotary_dim == 12 and cfg.head_dim == 16
-    assert cfg.rope_type == "longrope" and cfg.original_max_position_embeddings == 32
-    assert cfg.rope_factor == 1024 / 32
-    assert cfg.attention_factor == pytest.approx((1 + torch.log(torch.tensor(32.0)) / torch.log(torch.tensor(32.0))).sqrt().item())
-    assert cfg.fused_qkv and cfg.tie_word_embeddings and cfg.sliding_window is None
-    qwen = ModelConfig.from_hf(CONFIGS["qwen2"])
-    assert qwen.attention_bias and not qwen.o_proj_bias and qwen.sliding_window is None
-
-
-def test_real_phi4_mini_config_attention_factor():
-    # Phi-4-mini's config.json: 131072 / 4096 = 32 -> sqrt(1 + ln 32 / ln 4096) = sqrt(17/12).
-    d = dict(CONFIGS["phi4-mini"], hidden_size=3072, num_attention_heads=24, num_key_value_heads=8,
-             max_position_embeddings=131072, original_max_position_embeddings=4096,
-             rope_scaling={"type": "longrope", "short_factor": [1.0] * 48, "long_factor": [2.0] * 48})
-    cfg = ModelConfig.from_hf(d)
-    assert cfg.rotary_dim == 96 and cfg.attention_factor == pytest.approx((17 / 12) ** 0.5, rel=1e-9)
-
-
-@pytest.mark.parametrize("bad,match", [
-    ({"model_type": "gpt2"}, "unsupported model_type 'gpt2'; supported: llama, mistral, qwen2, phi3"),
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "unsupported rope type 'yarn'.*supported: default, llama3, longrope"),
-    ({"hidden_act": "gelu"}, "unsupported hidden_act 'gelu'"),
-])
-def test_config_errors_name_the_value(bad, match):
-    with pytest.raises(ValueError, match=match):
-        ModelConfig.from_hf(dict(CONFIGS["llama3"], **bad))
-
-
-def test_unknown_preset_lists_valid_ones():
-    with pytest.raises(ValueError, match="unknown preset 'phi-5'.*phi-4-mini"):
-        md.load_model("phi-5")
 
 
 def test_missing_and_unexpected_keys_are_named(tmp_path):

@@ -15,7 +15,6 @@ from safetensors.torch import load_file
 from minidistill.demo import build_demo_model, write_demo_data
 from minidistill.checkpoints import latest_checkpoint
 from minidistill.train import main, parse_args
-from minidistill.train_config import TrainConfig, lr_at
 from minidistill.trainer import train
 
 
@@ -189,16 +188,6 @@ def test_fsdp_two_processes_match_one_and_resume(setup):
     c = load_file(two / "adapter" / "adapter_model.safetensors")
     for k in a:
         assert torch.equal(b[k], c[k]), k  # same processes, same reductions: bit for bit
-
-
-def test_schedule():
-    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=4, schedule="cosine")
-    lrs = [lr_at(s, 20, cfg) for s in range(20)]
-    assert lrs[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
-    assert lrs[4] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-4)
-    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
-    lin = TrainConfig(lr=1e-3, min_lr=0.0, warmup_steps=0, schedule="linear")
-    assert lr_at(0, 11, lin) == pytest.approx(1e-3) and lr_at(10, 11, lin) == pytest.approx(0.0)
 
 
 @pytest.mark.parametrize("argv,msg", [
