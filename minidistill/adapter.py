@@ -120,7 +120,11 @@ def read_adapter(folder: str | Path) -> tuple[dict, dict[str, Tensor]]:
         found = sorted(p.name for p in folder.glob("*")) if folder.is_dir() else "folder missing"
         raise FileNotFoundError(f"{folder} needs {CONFIG_FILE} and {WEIGHTS_FILE} (found: {found}); "
                                 "minidistill reads safetensors adapters only, never .bin pickles")
-    config = json.loads((folder / CONFIG_FILE).read_text())
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text())
+    except ValueError as e:
+        raise ValueError(f"{folder / CONFIG_FILE} is not valid JSON ({e}); re-save the adapter") from None
+    _check_types(config, folder / CONFIG_FILE)
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{folder}: peft_type {config['peft_type']!r} is not supported; valid: LORA")
     for key, ok in _UNSUPPORTED.items():
@@ -131,6 +135,27 @@ def read_adapter(folder: str | Path) -> tuple[dict, dict[str, Tensor]]:
     with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as f:
         tensors = {k.removeprefix(PREFIX): f.get_tensor(k) for k in f.keys()}
     return config, tensors
+
+
+# adapter_config.json fields minidistill reads, and the JSON types they must have.
+_FIELD_TYPES = {"r": (int,), "lora_alpha": (int, float), "lora_dropout": (int, float),
+                "target_modules": (list, str), "use_rslora": (bool,), "rank_pattern": (dict,),
+                "alpha_pattern": (dict,)}
+
+
+def _check_types(config, where: Path) -> None:
+    if not isinstance(config, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(config).__name__}")
+    for key in ("r", "lora_alpha", "target_modules"):
+        if key not in config:
+            raise ValueError(f"{where}: field {key!r} is missing")
+    for key, types in _FIELD_TYPES.items():
+        v = config.get(key)
+        if v is not None and (not isinstance(v, types) or (isinstance(v, bool) and bool not in types)):
+            raise ValueError(f"{where}: field {key!r} must be {' or '.join(t.__name__ for t in types)}, "
+                             f"got {v!r}")
+    if config["r"] < 1:
+        raise ValueError(f"{where}: field 'r' must be >= 1, got {config['r']}")
 
 
 def lora_config_of(config: dict) -> LoraConfig:

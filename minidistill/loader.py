@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .config import ModelConfig
 from .hub import INDEX_FILE, SINGLE_FILE, resolve_model_dir
@@ -65,6 +66,17 @@ def _read_bnb(tensors: dict[str, torch.Tensor], shape: tuple[int, ...], where: s
     return packed, qstate
 
 
+@contextmanager
+def open_weights(path: Path):
+    """safe_open, with a damaged (truncated, partly downloaded) file named in a one-line error."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            yield f
+    except SafetensorError as e:
+        raise ValueError(f"{path} is damaged ({e}); it is not a complete safetensors file: download it again "
+                         "(huggingface-cli download REPO --force-download, or delete it from the hub cache)") from None
+
+
 def load_model(name_or_path: str, dtype: torch.dtype | str | None = torch.bfloat16,
                device: str | torch.device = "cpu", quantize: str | None = None) -> Transformer:
     """Load a checkpoint (preset name, hub repo id or local folder) into a Transformer.
@@ -88,7 +100,7 @@ def load_model(name_or_path: str, dtype: torch.dtype | str | None = torch.bfloat
     if prequant is not None:
         keys = set()
         for path in files:
-            with safe_open(str(path), framework="pt") as f:
+            with open_weights(path) as f:
                 keys.update(f.keys())
         nf4 = prequantized_paths(keys, block_linear_paths(model), prequant, str(folder))
     elif quantize == "nf4":
@@ -102,7 +114,7 @@ def load_model(name_or_path: str, dtype: torch.dtype | str | None = torch.bfloat
     bnb: dict[str, dict[str, torch.Tensor]] = {p: {} for p in nf4}  # path -> file's bnb tensors
     unexpected: list[str] = []
     for path in files:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
+        with open_weights(path) as f:
             for key in f.keys():
                 module, _, leaf = key.partition(".weight")
                 if module in nf4 and leaf.removeprefix(".") in ("", *BNB_SUFFIXES):

@@ -20,21 +20,23 @@ class MetricsLog:
         self.enabled, self.tb, self.wandb, self.note = enabled, None, None, None
         if not enabled:
             return
-        self.path = Path(out) / "metrics.jsonl"
-        if resume_step and self.path.exists():
-            self._cut_back(resume_step)
-        self.file = open(self.path, "a", encoding="utf-8")
-        if sink == "tensorboard":
+        if sink == "tensorboard":  # the optional packages first: nothing is touched if one is missing
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise MinidistillError("--log tensorboard needs the tensorboard package: pip install tensorboard") from None
-            self.tb = SummaryWriter(str(Path(out) / "tensorboard"))
         elif sink == "wandb":
             try:
                 import wandb
             except ImportError:
                 raise MinidistillError("--log wandb needs the wandb package: pip install wandb") from None
+        self.path = Path(out) / "metrics.jsonl"
+        if resume_step and self.path.exists():
+            self._cut_back(resume_step)
+        self.file = open(self.path, "a", encoding="utf-8")
+        if sink == "tensorboard":
+            self.tb = SummaryWriter(str(Path(out) / "tensorboard"))
+        elif sink == "wandb":
             self.wandb = wandb.init(project="minidistill", config=asdict(cfg), dir=str(out))
 
     def _cut_back(self, step: int) -> None:

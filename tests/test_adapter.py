@@ -160,3 +160,18 @@ def test_read_adapter_rejects_other_peft_types(tmp_path):
     cfg_file.write_text(json.dumps(dict(config, peft_type="IA3")))
     with pytest.raises(ValueError, match="peft_type 'IA3' is not supported; valid: LORA"):
         read_adapter(tmp_path / "a")
+
+
+@pytest.mark.parametrize("text,match", [
+    ("{not json", r"adapter_config.json is not valid JSON"),
+    ('{"r": "8", "lora_alpha": 16, "target_modules": ["q_proj"]}', r"field 'r' must be int, got '8'"),
+    ('{"r": 8, "lora_alpha": true, "target_modules": ["q_proj"]}', r"field 'lora_alpha' must be int or float"),
+    ('{"r": 8, "lora_alpha": 16}', r"field 'target_modules' is missing"),
+])
+def test_bad_adapter_config_names_the_file_and_field(tmp_path, text, match):
+    from minidistill.adapter import read_adapter
+
+    (tmp_path / "adapter_config.json").write_text(text)
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match=match):
+        read_adapter(tmp_path)

@@ -86,3 +86,13 @@ def test_load_for_inference_applies_the_adapter(tmp_path):
         plain, _ = load_for_inference(str(folder))
         assert rel_err(plain(x), want) > 1e-3  # the adapter changed the outputs
     assert tok.decode(tok.encode("Ana has 3 pens")) == "Ana has 3 pens"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_damaged_weights_file_is_named_with_what_to_do(tmp_path, damage):
+    write_checkpoint(tmp_path, "llama3")
+    f = tmp_path / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\0" * 64)
+    with pytest.raises(ValueError, match=r"model.safetensors is damaged .*download it again"):
+        md.load_model(tmp_path, dtype=torch.float32)
