@@ -25,7 +25,8 @@ def test_custom_loop_example(tmp_path):
 
 
 def test_bench_train_smoke(tmp_path):
-    out = run([str(ROOT / "benchmarks" / "bench_train.py"), "--smoke", "--impls", "ours-lora,ours-qlora"], tmp_path)
+    out = run([str(ROOT / "benchmarks" / "bench_train.py"), "--smoke", "--impls", "ours-lora,ours-qlora", "--ckpt", "on",
+               "--no-bf16-saved"], tmp_path)
     result = json.loads(out.strip().splitlines()[-1])
     assert result["bench"] == "train" and len(result["rows"]) == 4
     assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 for r in result["rows"])
