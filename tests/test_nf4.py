@@ -5,32 +5,14 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from minidistill.kernels import nf4 as kernels_nf4
 from minidistill.kernels.nf4 import dequantize_nf4_lut, dequantize_nf4_reference, dequantize_nf4_triton
-from minidistill.quant import NF4_CODE, quantize_nf4
+from minidistill.quant import quantize_nf4
+from model_fixtures import nf4_ties_and_zeros, nf4_weight
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: conftest sets TRITON_INTERPRET=1
 OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _weight(shape, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=g) * 0.02).to(dtype)
-
-
-def _ties_and_zeros(blocksize: int) -> torch.Tensor:
-    """Blocks whose absmax is 1 (so x / absmax is exact) holding every fp32 midpoint between NF4
-    codes, the codes themselves, and ±1; then an all-zero block and a sign-only block."""
-    code = torch.tensor(NF4_CODE)
-    mids = (code[:-1] + code[1:]) / 2
-    vals = torch.cat([mids, -mids, code, torch.tensor([1.0, -1.0])])
-    vals = F.pad(vals, (0, -vals.numel() % blocksize)).view(-1, blocksize)
-    vals[:, 0] = 1.0  # absmax 1 in every block
-    zero = torch.zeros(1, blocksize)
-    small = torch.full((1, blocksize), -3e-3)
-    return torch.cat([vals, zero, small, vals * 2.0]).reshape(-1)  # *2: power of two, exact
 
 
 # ---- kernel == reference ---------------------------------------------------------------------
@@ -40,7 +22,7 @@ ODD_SHAPES = [(64,), (4096 + 64,), (17, 320), (5, 2048), (3, 1000, 64), (333,)]
 @pytest.mark.parametrize("shape", ODD_SHAPES)
 @pytest.mark.parametrize("blocksize", [32, 64, 128, 256])
 def test_kernel_matches_reference_bitwise(shape, blocksize):
-    packed, state = quantize_nf4(_weight(shape, seed=blocksize), blocksize)
+    packed, state = quantize_nf4(nf4_weight(shape, seed=blocksize), blocksize)
     packed, state = packed.to(DEVICE), state.to(DEVICE)
     for dtype in OUT_DTYPES:
         got = dequantize_nf4_triton(packed, state, dtype)
@@ -52,7 +34,7 @@ def test_kernel_matches_reference_bitwise(shape, blocksize):
 
 @pytest.mark.parametrize("blocksize", [64, 4096])
 def test_kernel_without_double_quant_and_large_blocks(blocksize):
-    packed, state = quantize_nf4(_weight((9, 1000)), blocksize, compress_statistics=False)
+    packed, state = quantize_nf4(nf4_weight((9, 1000)), blocksize, compress_statistics=False)
     assert state.absmax.dtype == torch.float32 and not state.nested
     packed, state = packed.to(DEVICE), state.to(DEVICE)
     for dtype in OUT_DTYPES:
@@ -61,7 +43,7 @@ def test_kernel_without_double_quant_and_large_blocks(blocksize):
 
 
 def test_kernel_rejects_bad_inputs():
-    packed, state = quantize_nf4(_weight((4, 64)))
+    packed, state = quantize_nf4(nf4_weight((4, 64)))
     with pytest.raises(ValueError, match="output dtype"):
         dequantize_nf4_triton(packed, state, torch.int8)
     with pytest.raises(ValueError, match="needs 128"):
@@ -77,7 +59,7 @@ def test_lut_matches_reference_bitwise(monkeypatch, blocksize, compress_statisti
     # A small chunk so that several passes, and a ragged last one, are exercised.
     monkeypatch.setattr(kernels_nf4, "_CHUNK", 4 * blocksize)
     for shape in ODD_SHAPES:
-        packed, state = quantize_nf4(_weight(shape, seed=blocksize), blocksize, compress_statistics)
+        packed, state = quantize_nf4(nf4_weight(shape, seed=blocksize), blocksize, compress_statistics)
         for dtype in OUT_DTYPES:
             want = dequantize_nf4_reference(packed, state, dtype)
             got = dequantize_nf4_lut(packed, state, dtype)
@@ -88,7 +70,7 @@ def test_lut_matches_reference_bitwise(monkeypatch, blocksize, compress_statisti
 
 
 def test_lut_ties_zeros_and_bad_out():
-    packed, state = quantize_nf4(_ties_and_zeros(64), 64)
+    packed, state = quantize_nf4(nf4_ties_and_zeros(64), 64)
     assert torch.equal(dequantize_nf4_lut(packed, state, torch.float32),
                        dequantize_nf4_reference(packed, state, torch.float32))
     with pytest.raises(ValueError, match="out must be a contiguous torch.bfloat16 tensor"):
@@ -97,7 +79,7 @@ def test_lut_ties_zeros_and_bad_out():
 
 @pytest.mark.gpu
 def test_kernel_on_cuda_matches_reference_large():
-    packed, state = quantize_nf4(_weight((1024, 4096 + 64), torch.bfloat16).cuda(), 64)
+    packed, state = quantize_nf4(nf4_weight((1024, 4096 + 64), torch.bfloat16).cuda(), 64)
     for dtype in OUT_DTYPES:
         got = dequantize_nf4_triton(packed, state, dtype)
         assert torch.equal(got, dequantize_nf4_reference(packed, state, dtype))
