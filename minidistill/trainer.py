@@ -46,15 +46,17 @@ from .train_config import TrainConfig, check_config, lr_at, note_changed_flags, 
 
 class BatchStream:
     """This rank's endless stream of micro-batches. The position lives in the LoopState (epoch,
-    index), so a checkpoint that saves the state saves the position. While a step trains, a
-    background thread collates the next step's micro-batches (pinned on CUDA, for non-blocking
-    copies); what it returns depends only on the position, so results are the same with or
-    without it."""
+    index), so a checkpoint that saves the state saves the position. With `ahead` (training on
+    a GPU) a background thread collates the next step's micro-batches while a step trains,
+    pinned for non-blocking copies; what it returns depends only on the position, so results
+    are the same with or without it."""
 
-    def __init__(self, data, cfg: TrainConfig, rank: int, world: int, pad_id: int, pin: bool = False):
-        self.data, self.cfg, self.rank, self.world, self.pad_id, self.pin = data, cfg, rank, world, pad_id, pin
+    def __init__(self, data, cfg: TrainConfig, rank: int, world: int, pad_id: int, *, ahead: bool = False):
+        self.data, self.cfg, self.rank, self.world, self.pad_id = data, cfg, rank, world, pad_id
+        self.pin = ahead and torch.cuda.is_available()
         self._epoch, self._batches = None, None
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="collate")
+        # Only where compute is elsewhere (a GPU): on the CPU the thread would take cores from the step.
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="collate") if ahead else None
         self._ahead: tuple[tuple[int, int, int], Future] | None = None
         self._lock = threading.Lock()  # epoch_batches is shared by the thread and the loop
 
@@ -85,11 +87,13 @@ class BatchStream:
             batches, state.epoch, state.index = self._ahead[1].result()
         else:
             batches, state.epoch, state.index = self._collate(*key)
-        self._ahead = ((state.epoch, state.index, n), self._pool.submit(self._collate, state.epoch, state.index, n))
+        if self._pool is not None:
+            self._ahead = ((state.epoch, state.index, n), self._pool.submit(self._collate, state.epoch, state.index, n))
         return batches
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 @dataclass
@@ -158,7 +162,7 @@ def setup(cfg: TrainConfig) -> Run:
     eval_batches = [] if eval_data is None else make_batches(
         eval_data, cfg.batch_size, cfg.data_config.max_seq_len, packing=cfg.packing, shuffle=False, rank=rank,
         world_size=world, pad_id=pad_id, pad_to_multiple=cfg.pad_to_multiple)
-    stream = BatchStream(data, cfg, rank, world, pad_id, pin=device.type == "cuda")
+    stream = BatchStream(data, cfg, rank, world, pad_id, ahead=device.type == "cuda")
     n_micro = len(stream.epoch_batches(0))
     per_epoch = n_micro // cfg.grad_accum
     if per_epoch == 0 and not cfg.max_steps:

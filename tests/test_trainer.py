@@ -82,7 +82,10 @@ def test_train_raises_on_bad_input_instead_of_exiting(tiny, tmp_path):
 
 
 def test_stream_prefetch_gives_the_batches_of_the_position(tiny, tmp_path):
+    from minidistill.trainer import BatchStream
+
     run = setup(config(tiny, tmp_path / "run", grad_accum=2))
+    run.stream = BatchStream(run.data, run.cfg, 0, 1, run.stream.pad_id, ahead=True)  # as on a GPU
     steps = len(run.stream.epoch_batches(0)) // 2 + 3  # into the second epoch
     ahead = [b for _ in range(steps) for b in run.stream.take(run.state, 2)]  # the thread collates ahead
     epoch, index, direct = 0, 0, []
