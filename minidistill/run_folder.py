@@ -46,8 +46,8 @@ def check_writable(out: Path) -> None:
 
 def prepare_output(out: Path, *, resume: bool, overwrite: bool) -> None:
     """Refuse a fresh run into a folder holding another run's outputs (unless --overwrite, which
-    removes them); resuming needs no check here (the checkpoints decide)."""
-    check_writable(out)
+    removes them); resuming needs no check here (the checkpoints decide). The folder exists
+    and is writable (`check_writable`, called first by the trainer, before it takes the lock)."""
     found = holds_a_run(out)
     if resume or not found:
         return
