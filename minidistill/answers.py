@@ -1,9 +1,16 @@
 """What a reply and a prompt file hold, shared by generation, trace writing and evaluation.
 
 Think blocks (`think_stats`: reasoning, answer, well-formedness), answer scoring
-(`score_answer`) and reference answers (`reference_answer`), and prompt reading
-(`read_prompts` -> `PromptRecord`s) for `python -m minidistill.generate --prompts` and
-`python -m minidistill.eval`.
+(`score_answer`) and reference answers (`reference_answer`), prompt reading (`read_prompts`
+-> `PromptRecord`s) for `python -m minidistill.generate --prompts` and `python -m
+minidistill.eval`, and how a prompt is fed to the model (`prompt_ids`, `iter_prompt_replies`).
+
+A prompt is a chat (its messages, rendered with the model's chat template plus the
+generation prompt), or, with a prompt template (`--template`), plain text: the template's
+prompt part filled from the record, tokenized as training tokenizes it (BOS first when the
+tokenizer's post-processor adds one), no chat template around it. The reference answer of a
+templated record is `--answer-field` when given, else the last field the template's
+response part names (`{Response}` in `<think>{Complex_CoT}</think>{Response}`).
 
 Scoring rule (`score_answer`): when the reference holds a number, the last number of the
 prediction must equal the reference's last number (numeric compare, thousands commas
@@ -16,10 +23,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 from .records import (BadRecord, DATA_SUFFIXES, FORMATS, ROLES, SHAREGPT_ROLES, _chat, detect_schema,
                       iter_records, to_messages)
+from .sampling import Completion, cut_at_stop, iter_generate
+from .templates import PromptTemplate, load_template
+
+TEMPLATE_FORMAT = "template"  # PromptRecord.format of a record read through a prompt template
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 _NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")
@@ -99,12 +110,48 @@ def prompt_starts_in_think(tok, messages: list[dict]) -> bool:
 @dataclass
 class PromptRecord:
     """One prompt: its id (the record's `id` field, else its index in the file), the messages to
-    answer, and the record it came from (None for plain-text prompt files) with its schema."""
+    answer, and the record it came from (None for plain-text prompt files) with its schema.
+
+    text: the rendered prompt part of a prompt template, fed as plain text (`messages` then holds
+    it as one user turn, for the eval rows and the trace records); answer_field: the record field
+    holding its reference answer when none is named (the template's last response field)."""
 
     id: Any
     messages: list[dict]
     record: Any = None
     format: str | None = None
+    text: str | None = None
+    answer_field: str | None = None
+
+
+def prompt_ids(tok, p: PromptRecord) -> list[int]:
+    """The token ids fed to the model for one prompt: the chat with the generation prompt, or a
+    template's plain text with BOS when the tokenizer prepends one (as training tokenizes it)."""
+    if p.text is not None:
+        return tok.encode(p.text, add_bos=tok.prepends_bos)
+    return tok.encode_chat(p.messages, add_generation_prompt=True)[0]
+
+
+def starts_in_think(tok, p: PromptRecord) -> bool:
+    """Whether the prompt itself opens the think block (an R1 chat template, or a template
+    whose prompt part ends with `<think>`)."""
+    if p.text is not None:
+        return p.text.rstrip().endswith(THINK_OPEN)
+    return prompt_starts_in_think(tok, p.messages)
+
+
+def iter_prompt_replies(model, tok, prompts: Sequence[PromptRecord], *, max_new_tokens: int = 256,
+                        temperature: float = 0.0, top_p: float = 1.0, seed: int | Sequence[int] | None = None,
+                        batch_size: int = 16, stop_strings: Sequence[str] = (),
+                        progress=None) -> Iterator[Completion]:
+    """`sampling.iter_generate` over `prompt_ids` of each prompt (chats and template text alike):
+    yields each reply's `Completion`, its text cut before any stop string, as it finishes."""
+    ids = [prompt_ids(tok, p) for p in prompts]
+    for c in iter_generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                           stop_ids=tok.stop_ids, stop_strings=stop_strings, decode=tok.decode, seed=seed,
+                           batch_size=batch_size, progress=progress):
+        c.text = cut_at_stop(tok.decode(c.ids), stop_strings)
+        yield c
 
 
 def prompt_messages(obj: Any, fmt: str) -> list[dict]:
@@ -125,15 +172,19 @@ def prompt_messages(obj: Any, fmt: str) -> list[dict]:
     return msgs
 
 
-def read_prompts(path: str | Path, fmt: str = "auto", system: str | None = None,
-                 limit: int | None = None) -> tuple[list[PromptRecord], list[str]]:
+def read_prompts(path: str | Path, fmt: str = "auto", system: str | None = None, limit: int | None = None,
+                 template: str | Path | PromptTemplate | None = None) -> tuple[list[PromptRecord], list[str]]:
     """Prompts of a data file (JSONL/JSON/Parquet, any schema the data readers know, or records
-    with a `prompt` string) or of a text file (one prompt per non-empty line).
+    with a `prompt` string) or of a text file (one prompt per non-empty line); with `template`
+    (a prompt template file), each record's rendered prompt part, as plain text.
 
-    Returns the prompts and the problems of the records that were skipped ("file:line: why")."""
+    Returns the prompts and the problems of the records that were skipped ("file:line: why").
+    A template field the first record lacks is a ValueError naming template file:line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} does not exist")
+    if template is not None:
+        return _templated_prompts(path, fmt, system, limit, template)
     out: list[PromptRecord] = []
     bad: list[str] = []
     if not path.name.endswith(DATA_SUFFIXES):
@@ -166,6 +217,38 @@ def read_prompts(path: str | Path, fmt: str = "auto", system: str | None = None,
     return out, bad
 
 
+def _templated_prompts(path: Path, fmt: str, system: str | None, limit: int | None,
+                       template: str | Path | PromptTemplate) -> tuple[list[PromptRecord], list[str]]:
+    t = template if isinstance(template, PromptTemplate) else load_template(template)
+    if fmt != "auto":
+        raise ValueError(f"a prompt template ({t.name}) and format {fmt!r} both say how a record becomes text; keep one")
+    if system is not None:
+        raise ValueError(f"a system prompt applies to chat formats; the prompt template {t.name} writes the whole "
+                         "prompt (put the text into the template)")
+    if not path.name.endswith(DATA_SUFFIXES):
+        raise ValueError(f"a prompt template fills record fields: {path.name} is not a data file "
+                         f"({', '.join(DATA_SUFFIXES)})")
+    out: list[PromptRecord] = []
+    bad: list[str] = []
+    checked = False
+    for i, rec in enumerate(iter_records([path], limit)):
+        obj = rec.data
+        try:
+            if isinstance(obj, BadRecord):
+                raise obj
+            if not checked and isinstance(obj, dict):  # a typo in a field name stops at once
+                t.check_fields(obj, rec.where, prompt_only=True)
+                checked = True
+            text = t.render_prompt(obj)
+        except BadRecord as e:
+            bad.append(f"{rec.where}: {e}")
+            continue
+        pid = obj.get("id", i)
+        out.append(PromptRecord(pid, [{"role": "user", "content": text}], obj, TEMPLATE_FORMAT, text,
+                                t.answer_field))
+    return out, bad
+
+
 def reference_answer(obj: Any, fmt: str | None, field: str | None = None) -> str:
     """The reference answer of a record: `field` when given; else by schema — dolphin-r1 `answer`,
     medical-o1 `Response`, alpaca `output`, magpie `response`, messages / sharegpt the last
@@ -183,6 +266,9 @@ def reference_answer(obj: Any, fmt: str | None, field: str | None = None) -> str
         text = str(value)
     elif fmt in ("messages", "sharegpt"):
         text = to_messages(obj, fmt)[-1]["content"]  # ends with the last assistant turn
+    elif fmt == TEMPLATE_FORMAT:
+        raise BadRecord("the prompt template's response part names no field to take the reference answer from; "
+                        "name it with --answer-field")
     else:
         raise BadRecord(f"no reference answer for format {fmt!r}; name the field with --answer-field")
     return think_stats(text).answer if THINK_CLOSE in text else text.strip()

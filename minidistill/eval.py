@@ -1,6 +1,8 @@
 """`python -m minidistill.eval`: score a model's answers on a dataset and report think-block health.
 
 The command-line layer over `evaluation.evaluate` (scoring rule: `answers.score_answer`).
+With `--template FILE` the prompts are the template's prompt part filled from each record, as
+plain text; the reference answer is `--answer-field`, else the last field its response part names.
 """
 
 from __future__ import annotations
@@ -24,7 +26,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="LoRA adapter folder (ours or PEFT's) to apply")
     p.add_argument("--data", required=True, help="JSONL / JSON / Parquet file of records with reference answers")
     p.add_argument("--format", default="auto", choices=["auto", *FORMATS], help="record schema (default: detect)")
-    p.add_argument("--answer-field", help="record field holding the reference answer (default: by schema)")
+    p.add_argument("--template", metavar="FILE", help="prompt template file (as train's --template): its prompt part, "
+                                                      "filled from each record, is the prompt, as plain text")
+    p.add_argument("--answer-field", help="record field holding the reference answer (default: by schema; with "
+                                          "--template, the last field its response part names)")
     p.add_argument("--system-prompt", "--system", dest="system", help="system message added to prompts that have none")
     p.add_argument("--limit", type=int, help="evaluate only the first N records")
     p.add_argument("--max-new-tokens", type=int, default=512, help="default: %(default)s")
@@ -41,8 +46,14 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parser().parse_args(argv)
-    model, tok = load_for_inference(args.model, args.adapter, args.dtype, args.device)
-    prompts, bad = read_prompts(args.data, args.format, args.system, args.limit)
+    prompts, bad = read_prompts(args.data, args.format, args.system, args.limit, template=args.template)
+    if args.template and prompts:  # a reference field no record has would score nothing: say so now
+        first, field = prompts[0], args.answer_field or prompts[0].answer_field
+        if field is not None and field not in first.record:
+            flag = "--answer-field" if args.answer_field else f"the last field of {args.template}'s response part"
+            raise ValueError(f"reference answer field {field!r} ({flag}) is not in the first record (id {first.id!r}, "
+                             f"keys {sorted(first.record)}); name the right one with --answer-field")
+    model, tok = load_for_inference(args.model, args.adapter, args.dtype, args.device)  # after the data's checks
     for line in bad[:5]:
         print(f"skipping {line}", file=sys.stderr)
     summary, rows = evaluate(model, tok, prompts, answer_field=args.answer_field, max_new_tokens=args.max_new_tokens,

@@ -1,9 +1,11 @@
 """Answer accuracy and think-block health of a model on a set of prompts with reference answers.
 
-For each record: the prompt (its messages without the final assistant turn) is answered
-with greedy ragged batched generation, the text after `</think>` (the whole text when there
-is no think block) is scored against the record's reference answer with
-`answers.score_answer`, and the think block is checked (`answers.think_stats`).
+For each record: the prompt (its messages without the final assistant turn, or a prompt
+template's rendered prompt part, as plain text) is answered with greedy ragged batched
+generation, the text after `</think>` (the whole text when there is no think block) is scored
+against the record's reference answer with `answers.score_answer` (a templated record's: the
+last field the template's response part names, unless `answer_field` is given), and the think
+block is checked (`answers.think_stats`).
 `python -m minidistill.eval` is the command-line layer over `evaluate`.
 """
 
@@ -11,11 +13,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from .answers import PromptRecord, prompt_starts_in_think, reference_answer, score_answer, think_stats
+from .answers import PromptRecord, iter_prompt_replies, reference_answer, score_answer, starts_in_think, think_stats
 from .model import Transformer
 from .progress import Progress
 from .records import BadRecord
-from .sampling import iter_replies
 
 
 def evaluate(model: Transformer, tok, prompts: list[PromptRecord], *, answer_field: str | None = None,
@@ -29,22 +30,22 @@ def evaluate(model: Transformer, tok, prompts: list[PromptRecord], *, answer_fie
     usable, refs, skipped = [], [], []
     for p in prompts:
         try:
-            refs.append(reference_answer(p.record, p.format, answer_field))
+            refs.append(reference_answer(p.record, p.format, answer_field or p.answer_field))
             usable.append(p)
         except BadRecord as e:
             skipped.append(f"prompt {p.id}: {e}")
     texts, cut = [""] * len(usable), [False] * len(usable)
     bar = Progress(len(usable), "eval") if progress else None
     try:
-        for c in iter_replies(model, tok, [p.messages for p in usable], max_new_tokens=max_new_tokens,
-                              batch_size=batch_size, stop_strings=stop_strings, progress=bar):
+        for c in iter_prompt_replies(model, tok, usable, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                     stop_strings=stop_strings, progress=bar):
             texts[c.index], cut[c.index] = c.text, c.reason == "length"
     finally:
         if bar is not None:
             bar.close()
     rows = []
     for p, ref, text, truncated in zip(usable, refs, texts, cut):
-        st = think_stats(text, prompt_starts_in_think(tok, p.messages))
+        st = think_stats(text, starts_in_think(tok, p))
         rows.append({"id": p.id, "prompt": p.messages[-1]["content"], "output": text, "prediction": st.answer,
                      "reference": ref, "correct": score_answer(st.answer, ref), "well_formed": st.well_formed,
                      "think_tokens": None if st.reasoning is None else len(tok.encode(st.reasoning)),

@@ -2,7 +2,9 @@
 
 `--prompt TEXT` streams the reply; `--prompts FILE --output traces.jsonl --num-samples K`
 writes teacher traces in the messages schema, ready for training (`traces.write_traces`);
-`--verify FIELD` keeps only the samples whose final answer matches the record's reference.
+`--verify FIELD` keeps only the samples whose final answer matches the record's reference;
+`--template FILE` renders each record's prompt with a prompt template's prompt part and
+continues it as plain text (no chat template).
 The library code lives in `sampling` (generation), `traces` and `answers` (prompt files).
 """
 
@@ -36,6 +38,9 @@ def parser() -> argparse.ArgumentParser:
                                                      "answer in FIELD (rejection sampling; minidistill.eval rule)")
     p.add_argument("--format", default="auto", choices=["auto", *FORMATS],
                    help="schema of the --prompts records (default: detect)")
+    p.add_argument("--template", metavar="FILE", help="with --prompts: a prompt template file (as train's --template); "
+                                                      "its prompt part, filled from each record, is the prompt, as "
+                                                      "plain text without the chat template")
     p.add_argument("--batch-size", type=int, default=16, help="with --prompts: sequences decoded together, whatever "
                                                               "their lengths (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=512, help="default: %(default)s")
@@ -55,14 +60,18 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.prompts and not args.output:
         p.error("--prompts needs --output FILE (the traces JSONL)")
+    if args.template and not args.prompts:
+        p.error("--template fills record fields: use it with --prompts FILE (records), not --prompt")
     if args.num_samples < 1:
         p.error(f"--num-samples must be >= 1, got {args.num_samples}")
     if args.num_samples > 1 and args.temperature <= 0:
         print(f"note: {args.num_samples} greedy samples per prompt are identical; set --temperature", file=sys.stderr)
 
+    # The prompt file first: a bad template or record is reported before any weights load.
+    prompts, bad = read_prompts(args.prompts, args.format, args.system, template=args.template) if args.prompts \
+        else ([], [])
     model, tok = load_for_inference(args.model, args.adapter, args.dtype, args.device)
     if args.prompts:
-        prompts, bad = read_prompts(args.prompts, args.format, args.system)
         for line in bad[:5]:
             print(f"skipping {line}", file=sys.stderr)
         stats = write_traces(model, tok, prompts, args.output, num_samples=args.num_samples,

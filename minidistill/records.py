@@ -2,11 +2,11 @@
 
 Readers stream: JSONL line by line (dolphin-r1 is 3.85 GB), Parquet by row group, a JSON
 array element by element from one read of the text. Every record comes with where it was
-found (`data.jsonl:17`), so a bad one can be named. Schemas are recognised from the keys of
+found (`data.jsonl:17`, `data.json:element 3 (line 12)`, `data.parquet:row 5`), so a bad one
+can be named. Schemas are recognised from the keys of
 the first valid record (or forced with `format`) and turned into a list of
 {"role", "content"} messages whose last assistant turn holds `<think>\n…\n</think>\n answer`.
-Plain-text records skip the chat format: a prompt template (`PromptTemplate`) or the `text`
-format turns each one into (prompt, response) text.
+Plain-text records (a prompt template, or the `text` format) skip the chat format: templates.py.
 """
 
 from __future__ import annotations
@@ -21,8 +21,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 FORMATS = ("messages", "sharegpt", "dolphin-r1", "medical-o1", "magpie", "alpaca")  # chat schemas
-TEXT_FORMAT = "text"  # {"text": ...}: no chat format, trained whole or after a response marker
-RESPONSE_LINE = "---response---"  # separates a prompt template's prompt part from its response part
 DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
 SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "valid", "val", "dev"),
                  "test": ("test",)}
@@ -38,7 +36,7 @@ class BadRecord(ValueError):
 
 @dataclass
 class Record:
-    where: str  # "data.jsonl:17" (file name and line; "row N" for Parquet)
+    where: str  # "data.jsonl:17" (file name and line; "element N (line L)" in a JSON array, "row N" in Parquet)
     data: Any  # the parsed object, or a BadRecord when the text itself did not parse
 
 
@@ -63,6 +61,17 @@ def resolve_files(source: str, *, config: str | None = None, split: str = "train
     raise FileNotFoundError(
         f"data source {source!r} is neither an existing file or folder nor a hub dataset id "
         "(org/name or org/name:config); check the path")
+
+
+def skipped_files(source: str) -> list[str]:
+    """The files of a local folder that are not read as data (other extensions), relative to it;
+    its README.md (the dataset card) and hidden files are left out. [] for anything but a folder."""
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        return []
+    rel = (p.relative_to(path) for p in path.rglob("*") if p.is_file())
+    return sorted(str(r) for r in rel if not str(r).lower().endswith(DATA_SUFFIXES) and str(r) != "README.md"
+                  and not any(part.startswith(".") for part in r.parts))
 
 
 def hub_files(repo: str, *, config: str | None, split: str) -> list[Path]:
@@ -216,18 +225,21 @@ def _read_json_array(path: Path) -> Iterator[Record]:
     dec = json.JSONDecoder()
     pos, line = text.index("[") + 1, 1 + text.count("\n", 0, text.index("["))
     ws = re.compile(r"[\s,]*")
+    k = 0  # the element's number (1-based, as Parquet rows): a minified array is all on line 1
     while True:
         end = ws.match(text, pos).end()
         line += text.count("\n", pos, end)
         pos = end
         if pos >= len(text) or text[pos] == "]":
             return
+        k += 1
+        where = f"{path.name}:element {k} (line {line})"
         try:
             obj, new = dec.raw_decode(text, pos)
         except ValueError as e:
-            yield Record(f"{path.name}:{line}", BadRecord(f"invalid JSON ({e}); the rest of the file is skipped"))
+            yield Record(where, BadRecord(f"invalid JSON ({e}); the rest of the file is skipped"))
             return
-        yield Record(f"{path.name}:{line}", obj)
+        yield Record(where, obj)
         line += text.count("\n", pos, new)
         pos = new
 
@@ -353,95 +365,6 @@ def _chat(turns: list, role_key: str, text_key: str, roles: dict[str, str], name
             raise BadRecord(f"{name}[{i}]: a system message is only allowed first")
         out.append({"role": role, "content": content})
     return out
-
-
-# ---------------------------------------------------------------------------- plain text
-
-_PLACE = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
-Parts = tuple[tuple[str, str | None, int], ...]  # (literal text, field or None, template line of the field)
-
-
-@dataclass(frozen=True)
-class PromptTemplate:
-    """A prompt template file: the prompt part, a line `---response---`, the response part.
-    `{Field}` names a record key, `{{` and `}}` are literal braces; the file's final newline
-    is not part of the response."""
-    name: str  # the file name, for messages
-    prompt: Parts
-    response: Parts
-
-    def check_fields(self, obj: dict, where: str) -> None:
-        """ValueError naming the first field the template uses that the first record lacks."""
-        for _, f, line in self.prompt + self.response:
-            if f is not None and f not in obj:
-                raise ValueError(f"{self.name}:{line}: unknown field {{{f}}}: the first record ({where}) "
-                                 f"has keys {sorted(obj)}")
-
-    def _fill(self, parts: Parts, obj: Any) -> str:
-        if not isinstance(obj, dict):
-            raise BadRecord(f"expected a JSON object, got {type(obj).__name__}")
-        out = []
-        for text, f, line in parts:
-            v = "" if f is None else obj.get(f)
-            if v is None:
-                raise BadRecord(f"missing field {f!r} ({self.name}:{line} uses it; keys: {sorted(obj)})")
-            if isinstance(v, bool) or not isinstance(v, (str, int, float)):
-                raise BadRecord(f"field {f!r} must be a string or a number, got {type(v).__name__}")
-            out += [text, str(v)]
-        return "".join(out)
-
-    def render_prompt(self, obj: Any) -> str:
-        """The prompt part filled from one record: what generation and evaluation continue."""
-        return self._fill(self.prompt, obj)
-
-    def render(self, obj: Any) -> tuple[str, str]:
-        """(prompt, response) of one record; BadRecord when it lacks a field."""
-        return self._fill(self.prompt, obj), self._fill(self.response, obj)
-
-
-def load_template(path: str | Path) -> PromptTemplate:
-    """Parse a prompt template file (see PromptTemplate); ValueError naming file:line on a bad one."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt template {str(path)!r} not found; check the path")
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    marks = [i for i, ln in enumerate(lines) if ln.rstrip("\r\n") == RESPONSE_LINE]
-    if len(marks) != 1:
-        raise ValueError(f"{path.name}: needs exactly one line {RESPONSE_LINE!r} between the prompt and the "
-                         f"response part, found {len(marks)}" + (f" (lines {[i + 1 for i in marks]})" if marks else ""))
-    m = marks[0]
-    response = "".join(lines[m + 1:])
-    response = response[:-1] if response.endswith("\n") else response
-    if not response.strip():
-        raise ValueError(f"{path.name}:{m + 2}: the response part after {RESPONSE_LINE!r} is empty: nothing to train on")
-    return PromptTemplate(path.name, _parse("".join(lines[:m]), path.name, 1), _parse(response, path.name, m + 2))
-
-
-def _parse(text: str, name: str, first_line: int) -> Parts:
-    parts, lit, pos = [], "", 0
-    for mt in _PLACE.finditer(text):
-        tok, line = mt.group(), first_line + text.count("\n", 0, mt.start())
-        lit, pos = lit + text[pos: mt.start()], mt.end()
-        if tok in ("{{", "}}"):
-            lit += tok[0]
-        elif mt.group(1) is None or not mt.group(1).strip():
-            what = f"lone {tok!r}" if len(tok) == 1 else "empty field {}"
-            raise ValueError(f"{name}:{line}: {what}; write {{Field}} for a record key, {{{{ and }}}} for braces")
-        else:
-            parts.append((lit, mt.group(1), line))
-            lit = ""
-    return tuple(parts) + ((lit + text[pos:], None, 0),)
-
-
-def text_parts(obj: Any, marker: str | None) -> tuple[str, str]:
-    """(prompt, response) of a `text` record: all of it trained, or what follows the first `marker`."""
-    if not isinstance(obj, dict):
-        raise BadRecord(f"expected a JSON object, got {type(obj).__name__}")
-    text = _field(obj, "text", str)
-    i = -1 if marker is None else text.find(marker)
-    if marker is not None and i < 0:
-        raise BadRecord(f"response marker {marker!r} not found in field 'text'")
-    return ("", text) if marker is None else (text[: i + len(marker)], text[i + len(marker):])
 
 
 def data_fingerprint(files: list[Path]) -> list[tuple[str, int, int]]:

@@ -1,7 +1,8 @@
 """Training samples: records -> verified (ids, labels, weights) samples, with a summary of what was kept.
 
 `prepare_data` reads a file, folder or hub dataset (records.py), renders each conversation
-with the model's chat format (its segments mark the assistant text), tokenizes many at once,
+with the model's chat format (its segments mark the assistant text), or each record as plain
+text with a prompt template or the `text` format (templates.py), tokenizes many at once,
 finds the `<think>…</think>` span of each trained turn (spans.py), checks that the reasoning
 and answer survive `max_seq_len`, and caches the result on disk (datacache.py).
 `batches.make_batches` turns samples into batches for one epoch and one rank.
@@ -24,9 +25,10 @@ import numpy as np
 from .cli import flag_field
 from .datacache import cache_folder, cache_key, load_cache, save_cache
 from .loss import IGNORE_INDEX
-from .records import (FORMATS, TEXT_FORMAT, BadRecord, PromptTemplate, data_fingerprint, detect_schema, iter_records,
-                      load_template, resolve_files, text_parts, to_messages)
-from .spans import THINK_CLOSE, Segment, TokenText, Turn, encode_chats, encode_segments, think_mask
+from .records import (BadRecord, DATA_SUFFIXES, FORMATS, data_fingerprint, detect_schema, iter_records, resolve_files,
+                      skipped_files, to_messages)
+from .templates import TEXT_FORMAT, PromptTemplate, load_template, text_parts
+from .spans import THINK_CLOSE, Segment, TokenText, Turn, encode_chats, encode_segments
 from .tokenizer import tokenizer_from_state, tokenizer_state
 
 _HISTORY_THINK = re.compile(r"<think>.*?</think>\s*", re.S)
@@ -103,6 +105,8 @@ class DataSummary:
     length_max: int = 0
     max_seq_len: int = 0
     cached: bool = False
+    bad_records: list[str] = field(default_factory=list)  # "file:line: why" of the first few skipped records
+    skipped_files: list[str] = field(default_factory=list)  # a folder's files that are not data (other extensions)
 
     def format(self) -> str:
         """Multi-line human-readable summary."""
@@ -122,6 +126,20 @@ class DataSummary:
 
     def __str__(self) -> str:
         return self.format()
+
+    def notes(self) -> list[str]:
+        """What was left out, one line each: the bad records' reasons (file:line, or file:element
+        in a JSON array) and a folder's skipped files. `train` and `python -m minidistill.data`
+        both print these lines, before the summary."""
+        lines = [f"skipping {b}" for b in self.bad_records]
+        more = self.dropped.get("bad_record", 0) - len(self.bad_records)
+        if more > 0:
+            lines.append(f"skipping {more:,} more bad records (the first {len(self.bad_records)} are named)")
+        if self.skipped_files:
+            n = len(self.skipped_files)
+            lines.append(f"skipped {n} file{'s' if n > 1 else ''} of {self.source} that are not data "
+                         f"({', '.join(DATA_SUFFIXES)}): {', '.join(self.skipped_files)}")
+        return lines
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -241,6 +259,7 @@ def _encode_chunk(chunk: list[tuple[str, list]], tok=None, cfg=None, text=None) 
 # ---------------------------------------------------------------------------- prepare_data
 
 N_PROMPTS = 8  # prompts kept for SFTData.prompts
+SHOWN_BAD = 5  # bad records named one by one: enough to see what is wrong, without flooding the log
 CHUNK = 256  # conversations per encode_batch call / per task sent to a worker
 POOL_MIN_BYTES = 32 << 20  # below this, starting processes costs more than it saves
 
@@ -265,12 +284,15 @@ def prepare_data(source: str, tok, cfg: DataConfig, *, log: Callable[..., None] 
     folder = cache_folder(cache_key(data_fingerprint(files), options, tok_state), cfg.cache_dir)
     data = _from_cache(folder)
     if data is None:
-        data = _build(source, files, tok, tok_state, cfg, template, log)
+        data = _build(source, files, tok, tok_state, cfg, template)
         s = data.samples
         save_cache(folder, [x.ids for x in s], [x.labels for x in s],
                    [x.weights for x in s] if s and s[0].weights is not None else None,
                    data.think_counts, data.summary.to_dict(), data.prompt_texts, log)
     data.summary.source = source
+    data.summary.skipped_files = skipped_files(source)  # not from the cache: the key knows only the data files
+    for line in data.summary.notes():
+        log(line)
     log(data.summary.format())
     if not data.samples:
         raise ValueError(f"no usable sample in {source}; nothing to train on.\n{data.summary.format()}\n"
@@ -279,23 +301,20 @@ def prepare_data(source: str, tok, cfg: DataConfig, *, log: Callable[..., None] 
 
 
 def _build(source: str, files: list[Path], tok, tok_state: bytes, cfg: DataConfig,
-           template: PromptTemplate | None, log) -> SFTData:
+           template: PromptTemplate | None) -> SFTData:
     summ = DataSummary(source=source, max_seq_len=cfg.max_seq_len)
     fmt = "template" if template is not None else None if cfg.format == "auto" else cfg.format
     # Plain text is tokenized as transformers' tokenizer(text) would: BOS when the post-processor adds one.
     bos = tok.bos_token if cfg.plain_text and tok.prepends_bos and tok.bos_token else ""
     checked = template is None  # unknown template fields are named against the first record's keys
-    shown_bad = 0
     first_prompts: dict[str, str] = {}
 
     def bad(where: str, msg: str) -> None:
-        nonlocal shown_bad
         if cfg.on_bad_record == "error":
             raise ValueError(f"{where}: {msg} (on_bad_record='skip' skips such records)")
         summ.dropped["bad_record"] = summ.dropped.get("bad_record", 0) + 1
-        if shown_bad < 5:  # enough to see what is wrong, without flooding the log
-            log(f"skipping {where}: {msg}")
-        shown_bad += 1
+        if len(summ.bad_records) < SHOWN_BAD:  # kept in the summary (and its cache), printed by notes()
+            summ.bad_records.append(f"{where}: {msg}")
 
     def chunks():
         nonlocal fmt, checked
@@ -416,39 +435,3 @@ def _from_cache(folder: Path) -> SFTData | None:
     summ = DataSummary(**c.summary)
     summ.cached = True
     return SFTData(samples, summ, c.think_counts, c.prompts)
-
-
-# ---------------------------------------------------------------------------- showing samples
-
-_COLOURS = {"think": "\033[33m", "answer": "\033[32m"}  # yellow reasoning, green answer
-_RESET = "\033[0m"
-
-
-def render_sample(sample: Sample, tok, colour: bool = False) -> str:
-    """The sample's text with trained spans marked: colours on a terminal, `[[…]]` otherwise."""
-    ids = [int(i) for i in sample.ids]
-    labels = np.asarray(sample.labels)
-    trained = np.zeros(len(ids), dtype=bool)
-    trained[1:] = labels[:-1] != IGNORE_INDEX  # token t is trained when position t-1 predicts it
-    think = think_mask(ids, trained, TokenText(tok))
-    kind = np.where(~trained, 0, np.where(think, 1, 2))
-    out, start = [], 0
-    for t in range(1, len(ids) + 1):
-        if t == len(ids) or kind[t] != kind[start]:
-            piece = tok.decode(ids[start:t])
-            k = ("prompt", "think", "answer")[kind[start]]
-            if k == "prompt":
-                out.append(piece)
-            elif colour:
-                out.append(_COLOURS[k] + piece + _RESET)
-            else:
-                out.append(f"[[{piece}]]")
-            start = t
-    return "".join(out)
-
-
-def span_legend(colour: bool) -> str:
-    """What `render_sample`'s marks mean."""
-    if colour:
-        return f"{_COLOURS['think']}reasoning{_RESET} / {_COLOURS['answer']}answer{_RESET}"
-    return "[[trained tokens]]"

@@ -11,10 +11,10 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from .answers import PromptRecord, prompt_starts_in_think, reference_answer, score_answer, think_stats
+from .answers import PromptRecord, iter_prompt_replies, reference_answer, score_answer, starts_in_think, think_stats
 from .model import Transformer
 from .progress import Progress
-from .sampling import Completion, iter_replies
+from .sampling import Completion
 
 
 def _done_ids(output: Path) -> set[str]:
@@ -46,6 +46,8 @@ def write_traces(model: Transformer, tok, prompts: list[PromptRecord], output: s
     once all its samples are done (so in the order prompts finish). Resumable: prompts already
     in the output (or its `.progress` sidecar) are skipped. Sample k of prompt j (its index in `prompts`) samples with seed
     `seed + j * num_samples + k`, so a resumed run draws what an uninterrupted one would.
+    A prompt template's prompt (`PromptRecord.text`) is continued as plain text; its record holds
+    that text as the user turn and, in `prompt_text`, exactly.
     verify: a record field with the reference answer; only replies whose answer scores as
     correct are kept. Returns counts: prompts, skipped (already done), generated, kept,
     unfinished (think block never closed), rejected, truncated (max_new_tokens reached)."""
@@ -61,16 +63,16 @@ def write_traces(model: Transformer, tok, prompts: list[PromptRecord], output: s
         return stats
     # Fail on a missing reference before generating anything.
     refs = [reference_answer(p.record, p.format, verify) for _, p in todo] if verify else None
-    chats = [p.messages for _, p in todo for _ in range(num_samples)]
+    asked = [p for _, p in todo for _ in range(num_samples)]
     seeds = None if seed is None else [seed + j * num_samples + k for j, _ in todo for k in range(num_samples)]
     replies: dict[int, list[Completion | None]] = {}  # todo index -> its samples so far
-    bar = Progress(len(chats), "traces", unit="sample") if progress else None
+    bar = Progress(len(asked), "traces", unit="sample") if progress else None
     try:
         with open(output, "a", encoding="utf-8") as out, \
                 open(output.with_name(output.name + ".progress"), "a", encoding="utf-8") as prog:
-            for c in iter_replies(model, tok, chats, max_new_tokens=max_new_tokens, temperature=temperature,
-                                  top_p=top_p, seed=seeds, batch_size=batch_size, stop_strings=stop_strings,
-                                  progress=bar):
+            for c in iter_prompt_replies(model, tok, asked, max_new_tokens=max_new_tokens, temperature=temperature,
+                                         top_p=top_p, seed=seeds, batch_size=batch_size, stop_strings=stop_strings,
+                                         progress=bar):
                 t = c.index // num_samples
                 got = replies.setdefault(t, [None] * num_samples)
                 got[c.index % num_samples] = c
@@ -78,7 +80,7 @@ def write_traces(model: Transformer, tok, prompts: list[PromptRecord], output: s
                     continue
                 del replies[t]
                 p = todo[t][1]
-                r1 = prompt_starts_in_think(tok, p.messages)
+                r1 = starts_in_think(tok, p)
                 for k, reply in enumerate(got):
                     stats["generated"] += 1
                     stats["truncated"] += reply.reason == "length"
@@ -88,6 +90,8 @@ def write_traces(model: Transformer, tok, prompts: list[PromptRecord], output: s
                         continue
                     rec = {"messages": p.messages + [{"role": "assistant", "content": st.answer}],
                            "reasoning": st.reasoning, "answer": st.answer, "prompt_id": p.id, "sample": k}
+                    if p.text is not None:  # a template's prompt: the exact text the reply continues
+                        rec["prompt_text"] = p.text
                     if refs is not None:
                         if not score_answer(st.answer, refs[t]):
                             stats["rejected"] += 1

@@ -203,7 +203,8 @@ def test_json_array_and_parquet_readers(toks, tmp_path):
         assert got.summary.detected_format == "medical-o1"
         assert [np.asarray(s.ids).tolist() for s in got.samples] == [np.asarray(s.ids).tolist() for s in ref.samples]
     (tmp_path / "bad.json").write_text('[\n  {"Question": "a", "Response": "b"},\n  {"Question": oops}\n]')
-    assert [r.where for r in iter_records([tmp_path / "bad.json"])] == ["bad.json:2", "bad.json:3"]
+    assert [r.where for r in iter_records([tmp_path / "bad.json"])] == ["bad.json:element 1 (line 2)",
+                                                                       "bad.json:element 2 (line 3)"]
     folder = tmp_path / "folder"
     folder.mkdir()
     (folder / "x.json").write_text(json.dumps(rows))
@@ -271,6 +272,51 @@ def test_inspect_cli(toks, tmp_path, capsys):
     assert out.count("--- sample") == 2
     assert f"[[<think>\n{R}\n</think>]][[\n{A}<｜end▁of▁sentence｜>]]" in out
     assert "kept 3" in out and "format dolphin-r1" in out
+
+
+def test_data_command_prints_what_train_prints(tmp_path, capsys, monkeypatch):
+    """The same bad folder: `train` and `python -m minidistill.data` print the same reasons (file:line,
+    file:element in a JSON array) and name the skipped files; the data command from the cache too."""
+    from minidistill.demo import build_demo_model
+    from minidistill.train import main as train_main
+
+    model = build_demo_model(tmp_path / "model", hidden=32, layers=1)
+    folder = tmp_path / "d"
+    (folder / "sub").mkdir(parents=True)
+    good = {"messages": [{"role": "user", "content": "1 + 1?"}], "reasoning": "1 + 1 = 2", "answer": "2"}
+    write_jsonl(folder / "a.jsonl", [good] * 4 + ["{oops", {"messages": [{"role": "user", "content": "hi"}]}])
+    (folder / "sub" / "b.json").write_text(json.dumps([good, {"messages": 3}]))
+    for name in ("notes.txt", "sub/extra.csv", "README.md", ".hidden"):
+        (folder / name).write_text("not data")
+    monkeypatch.setenv("MINIDISTILL_CACHE", str(tmp_path / "mdcache"))
+    train_main(["--model", str(model), "--data", str(folder), "--output", str(tmp_path / "run"), "--max-steps", "1",
+                "--batch-size", "2", "--grad-accum", "1", "--max-seq-len", "64", "--no-grad-checkpointing",
+                "--sample-max-tokens", "1", "--device", "cpu", "--cache-dir", str(tmp_path / "c")])
+    train_out = capsys.readouterr().out.splitlines()
+    D.main(["--model", str(model), "--data", str(folder), "--show", "1", "--max-seq-len", "64",
+            "--cache-dir", str(tmp_path / "c")])
+    data_out = capsys.readouterr().out.splitlines()
+    notes = [ln for ln in train_out if ln.startswith(("skipping", "skipped"))]
+    assert notes == [
+        "skipping a.jsonl:5: invalid JSON (Expecting property name enclosed in double quotes: line 1 column 2 (char 1))",
+        "skipping a.jsonl:6: missing field 'answer' (keys: ['messages'])",
+        "skipping b.json:element 2 (line 1): field 'messages' must be list, got int",
+        f"skipped 2 files of {folder} that are not data (.jsonl, .jsonl.gz, .json, .parquet): notes.txt, sub/extra.csv"]
+    assert [ln for ln in data_out if ln.startswith(("skipping", "skipped"))] == notes
+    summary = [ln for ln in train_out if ln.startswith(("data ", "  kept", "  tokens", "  length"))]
+    assert "kept 5, dropped 3 (bad_record 3)" in summary[1]
+    assert data_out[:len(notes) + 4] == notes + [summary[0] + " (tokenized data from cache)"] + summary[1:]
+
+
+def test_more_bad_records_than_shown_are_counted(toks, tmp_path):
+    rows = [RECORDS["messages"]] + [{"x": i} for i in range(S.SHOWN_BAD + 3)]
+    logs = []
+    data = prepare_data(str(write_jsonl(tmp_path / "d.jsonl", rows)), toks["phi-4-mini"],
+                        DataConfig(cache_dir=str(tmp_path / "c")), log=logs.append)
+    assert len(data.summary.bad_records) == S.SHOWN_BAD and data.summary.dropped == {"bad_record": S.SHOWN_BAD + 3}
+    assert logs[:S.SHOWN_BAD + 1] == data.summary.notes()
+    assert logs[S.SHOWN_BAD] == f"skipping 3 more bad records (the first {S.SHOWN_BAD} are named)"
+    assert logs[0] == "skipping d.jsonl:2: missing field 'messages' (keys: ['x'])"  # the schema of record 1
 
 
 # ---------------------------------------------------------------------------- batches

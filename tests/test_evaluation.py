@@ -28,13 +28,13 @@ def test_evaluate_scores_counts_truncated_and_skips(demo, monkeypatch):
                "1+1?": ("The answer is 3.", "stop")}
     seen = {}
 
-    def fake(model, tok, chats, **kw):
+    def fake(model, tok, asked, **kw):
         seen.update(kw)
-        for i in reversed(range(len(chats))):  # completions arrive in any order
-            text, reason = replies[chats[i][-1]["content"]]
+        for i in reversed(range(len(asked))):  # completions arrive in any order
+            text, reason = replies[asked[i].messages[-1]["content"]]
             yield Completion(i, tok.encode(text), reason, text)
 
-    monkeypatch.setattr(evaluation, "iter_replies", fake)
+    monkeypatch.setattr(evaluation, "iter_prompt_replies", fake)
     summary, rows = evaluation.evaluate(model, tok, prompts, max_new_tokens=7, batch_size=3, stop_strings=["##"])
     assert (seen["max_new_tokens"], seen["batch_size"], seen["stop_strings"]) == (7, 3, ["##"])
     assert [r["id"] for r in rows] == [0, "b", 3]
@@ -51,11 +51,11 @@ def test_no_usable_prompt_gives_zero_shares_not_nan(demo, monkeypatch):
     model, tok, _ = demo
     asked = []
 
-    def fake(model, tok, chats, **kw):
-        asked.append(chats)
+    def fake(model, tok, prompts, **kw):
+        asked.append(prompts)
         return iter(())
 
-    monkeypatch.setattr(evaluation, "iter_replies", fake)
+    monkeypatch.setattr(evaluation, "iter_prompt_replies", fake)
     prompts = [PromptRecord(i, [{"role": "user", "content": "q"}], {"x": 1}, "dolphin-r1") for i in range(2)]
     summary, rows = evaluation.evaluate(model, tok, prompts)
     assert rows == [] and asked == [[]]  # nothing is generated for prompts without a reference
@@ -65,8 +65,8 @@ def test_no_usable_prompt_gives_zero_shares_not_nan(demo, monkeypatch):
 
 def test_answer_field_picks_the_reference(demo, monkeypatch):
     model, tok, _ = demo
-    monkeypatch.setattr(evaluation, "iter_replies",
-                        lambda model, tok, chats, **kw: iter([Completion(0, [], "stop", "The answer is 12.")]))
+    monkeypatch.setattr(evaluation, "iter_prompt_replies",
+                        lambda model, tok, asked, **kw: iter([Completion(0, [], "stop", "The answer is 12.")]))
     p = PromptRecord(7, [{"role": "user", "content": "4*3?"}], {"answer": "7", "solution": "12"}, "dolphin-r1")
     _, rows = evaluation.evaluate(model, tok, [p], answer_field="solution")
     assert (rows[0]["reference"], rows[0]["prediction"], rows[0]["correct"]) == ("12", "The answer is 12.", True)
@@ -85,17 +85,17 @@ def test_progress_bar_counts_replies_and_closes_on_error(demo, monkeypatch):
         def close(self):
             self.closed = True
 
-    def failing(model, tok, chats, progress=None, **kw):
+    def failing(model, tok, asked, progress=None, **kw):
         assert progress is bars[-1]  # the bar goes to the generator, which updates it
         yield Completion(0, [], "stop", "The answer is 5.")
         raise RuntimeError("out of memory")
 
     monkeypatch.setattr(evaluation, "Progress", Bar)
-    monkeypatch.setattr(evaluation, "iter_replies", failing)
+    monkeypatch.setattr(evaluation, "iter_prompt_replies", failing)
     prompts = [PromptRecord(i, [{"role": "user", "content": "q"}], {"answer": "5"}, "dolphin-r1") for i in range(3)]
     with pytest.raises(RuntimeError, match="out of memory"):
         evaluation.evaluate(model, tok, prompts, progress=True)
     assert [(b.total, b.desc, b.closed) for b in bars] == [(3, "eval", True)]
-    monkeypatch.setattr(evaluation, "iter_replies", lambda model, tok, chats, **kw: iter(()))
+    monkeypatch.setattr(evaluation, "iter_prompt_replies", lambda model, tok, asked, **kw: iter(()))
     evaluation.evaluate(model, tok, prompts, progress=False)
     assert len(bars) == 1  # no display unless asked

@@ -112,11 +112,16 @@ def test_json_array_elements_know_their_line(tmp_path):
     path = tmp_path / "d.json"
     path.write_text('\n[\n  {"i": 0},\n\n  {"i": 1,\n   "j": [1,\n 2]},  {"i": 2}\n]\n', encoding="utf-8")
     recs = list(iter_records([path]))
-    assert [(r.where, r.data["i"]) for r in recs] == [("d.json:3", 0), ("d.json:5", 1), ("d.json:7", 2)]
+    assert [(r.where, r.data["i"]) for r in recs] == [("d.json:element 1 (line 3)", 0), ("d.json:element 2 (line 5)", 1),
+                                                      ("d.json:element 3 (line 7)", 2)]
     bad = tmp_path / "bad.json"
     bad.write_text('[{"i": 0},\n {"i": oops},\n {"i": 2}]', encoding="utf-8")
     recs = list(iter_records([bad]))
-    assert [r.where for r in recs] == ["bad.json:1", "bad.json:2"] and recs[0].data == {"i": 0}
+    assert [r.where for r in recs] == ["bad.json:element 1 (line 1)", "bad.json:element 2 (line 2)"]
+    assert recs[0].data == {"i": 0}
+    minified = tmp_path / "min.json"  # all on one line: the element number still tells records apart
+    minified.write_text(json.dumps([{"i": 0}, {"i": 1}]), encoding="utf-8")
+    assert [r.where for r in iter_records([minified])] == ["min.json:element 1 (line 1)", "min.json:element 2 (line 1)"]
     assert isinstance(recs[1].data, BadRecord) and "the rest of the file is skipped" in str(recs[1].data)
     lines = tmp_path / "lines.json"  # a .json file holding JSON lines is read as JSONL
     write_jsonl(lines, [{"i": 5}, {"i": 6}])

@@ -200,3 +200,9 @@ def test_inspector_shows_template_spans(tmp_path, capsys):
     prompt = PROMPT.format(**REC)
     assert f"{prompt}[[<think>\n{REC['Complex_CoT']}\n</think>]][[\n{REC['Response']}<｜end▁of▁sentence｜>]]" in out
     assert "format template" in out and "kept 2" in out
+    text = write_jsonl(tmp_path / "t.jsonl", [{"text": "Q: hi\nA: <think>\nr\n</think>\nhello"}])
+    D.main(["--model", str(folder), "--data", text, "--show", "1", "--cache-dir", str(tmp_path / "c"),
+            "--format", "text", "--response-marker", "A:"])
+    out = capsys.readouterr().out
+    assert "<｜begin▁of▁sentence｜>Q: hi\nA:[[ ]][[<think>\nr\n</think>]][[\nhello<｜end▁of▁sentence｜>]]" in out
+    assert "format text" in out

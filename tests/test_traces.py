@@ -42,11 +42,11 @@ def fake_generation(outputs):
     completions come back in reverse order, as a ragged batch may finish them."""
     calls = []
 
-    def fake(model, tok, chats, **kw):
-        calls.append(dict(kw, n=len(chats)))
+    def fake(model, tok, asked, **kw):
+        calls.append(dict(kw, n=len(asked)))
         seen, out = {}, []
-        for i, c in enumerate(chats):
-            q = c[-1]["content"]
+        for i, p in enumerate(asked):
+            q = p.messages[-1]["content"]
             text, reason = outputs[q][seen.get(q, 0)]
             seen[q] = seen.get(q, 0) + 1
             out.append(Completion(i, [], reason, text))
@@ -63,7 +63,7 @@ OUTPUTS = {"q0": [("<think>\n1 + 2 = 3\n</think>\nThe answer is 3.", "stop"),
 def test_trace_records_split_and_resume(tmp_path, demo, monkeypatch):
     model, tok, _ = demo
     fake, calls = fake_generation(OUTPUTS)
-    monkeypatch.setattr(traces, "iter_replies", fake)
+    monkeypatch.setattr(traces, "iter_prompt_replies", fake)
     prompts, _ = read_prompts(prompt_file(tmp_path))
     out = tmp_path / "traces.jsonl"
     stats = write_traces(model, tok, prompts[:2], out, num_samples=2, batch_size=3, seed=10, progress=False)
@@ -91,7 +91,7 @@ def test_trace_records_split_and_resume(tmp_path, demo, monkeypatch):
 def test_verify_keeps_only_matching_answers_and_resumes(tmp_path, demo, monkeypatch, capsys):
     model, tok, folder = demo
     fake, calls = fake_generation(OUTPUTS)
-    monkeypatch.setattr(traces, "iter_replies", fake)
+    monkeypatch.setattr(traces, "iter_prompt_replies", fake)
     out = tmp_path / "verified.jsonl"
     argv = ["--model", str(folder), "--prompts", str(prompt_file(tmp_path)), "--output", str(out),
             "--num-samples", "2", "--temperature", "0.7", "--verify", "answer", "--device", "cpu", "--stop", "##"]
@@ -111,7 +111,7 @@ def test_verify_keeps_only_matching_answers_and_resumes(tmp_path, demo, monkeypa
 def test_r1_generation_starts_inside_think(demo, tmp_path, monkeypatch):
     model, tok, _ = demo
     monkeypatch.setattr(tok, "render_chat", lambda m, add_generation_prompt=False: "<｜Assistant｜><think>\n")
-    monkeypatch.setattr(traces, "iter_replies",
+    monkeypatch.setattr(traces, "iter_prompt_replies",
                         lambda *a, **k: iter([Completion(0, [], "stop", "step one\n</think>\n\nThe answer is 3.")]))
     prompts, _ = read_prompts(prompt_file(tmp_path), limit=1)
     write_traces(model, tok, prompts, tmp_path / "r1.jsonl", progress=False)
@@ -129,3 +129,37 @@ def test_real_generation_writes_the_batched_replies(demo, tmp_path, monkeypatch)
     recs = {r["prompt_id"]: r["answer"] for r in map(json.loads, (tmp_path / "t.jsonl").read_text().splitlines())}
     assert recs == {prompts[c.index].id: c.text + "!" for c in want}
     assert (stats["generated"], stats["truncated"]) == (3, sum(c.reason == "length" for c in want))
+
+
+def test_generate_with_a_template_continues_the_prompt_part(tmp_path, monkeypatch, capsys):
+    from minidistill import answers
+    from minidistill.sampling import generate_ids
+    from model_fixtures import write_family_model
+
+    folder = write_family_model(tmp_path / "m", "phi4-mini", "phi-4-mini")
+    prompt = "<|user|>\n{instruction}<|end|>\n<|assistant|>\n"  # the Phi-3 post's hand-written format
+    (tmp_path / "t.txt").write_text(prompt + "---response---\n{response}<|end|>\n")
+    rows = [{"instruction": "Add 2 and 3.", "response": "5"}, {"instruction": "Add 1 and 1.", "response": "2"},
+            {"response": "no instruction"}]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fed = []
+    real = answers.iter_generate
+    monkeypatch.setattr(answers, "iter_generate", lambda model, ids, **kw: fed.extend(ids) or real(model, ids, **kw))
+    out = tmp_path / "traces.jsonl"
+    # The random model never closes a think block: count every reply as a finished answer.
+    monkeypatch.setattr(traces, "think_stats", lambda text, started_in_think=False: ThinkStats(None, text + "!", False))
+    cli_main("generate")(["--model", str(folder), "--prompts", str(tmp_path / "p.jsonl"), "--output", str(out),
+                          "--template", str(tmp_path / "t.txt"), "--max-new-tokens", "4", "--device", "cpu"])
+    tok, model = md.load_tokenizer(str(folder)), md.load_model(folder, dtype=torch.float32).eval()
+    texts = [prompt.format(**r) for r in rows[:2]]
+    assert not tok.prepends_bos and fed == [tok.encode(t) for t in texts]  # the rendered prompt part, nothing else
+    recs = sorted(map(json.loads, out.read_text().splitlines()), key=lambda r: r["prompt_id"])  # in finish order
+    assert [r["prompt_text"] for r in recs] == texts
+    assert [r["answer"] for r in recs] == [tok.decode(generate_ids(model, tok.encode(t), max_new_tokens=4,
+                                                                   stop_ids=tok.stop_ids)) + "!" for t in texts]
+    assert recs[0]["messages"] == [{"role": "user", "content": texts[0]}, {"role": "assistant", "content": recs[0]["answer"]}]
+    err = capsys.readouterr().err
+    assert "skipping p.jsonl:3: missing field 'instruction' (t.txt:2 uses it; keys: ['response'])" in err
+    with pytest.raises(SystemExit):
+        cli_main("generate")(["--model", str(folder), "--prompt", "hi", "--template", str(tmp_path / "t.txt")])
+    assert "--template fills record fields: use it with --prompts FILE" in capsys.readouterr().err
