@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from .lora import FUSED, LoraConfig, freeze_all_but_adapters, lora_layers, print_trainable, resolve_targets, wrap_linears
 from .new_tokens import load_token_rows, token_rows_state
 
-CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+CONFIG_FILE, WEIGHTS_FILE, README_FILE = "adapter_config.json", "adapter_model.safetensors", "README.md"
 PREFIX = "base_model.model."
 _UNSUPPORTED = {"use_dora": False, "fan_in_fan_out": False, "lora_bias": False, "modules_to_save": None,
                 "layers_to_transform": None, "layer_replication": None, "target_parameters": None,
@@ -62,11 +62,13 @@ def fuse_split_lora(parts: list[tuple[int, Tensor | None, Tensor | None]], out_f
 
 # ---------------------------------------------------------------- writing
 
-def save_adapter(model: nn.Module, path: str | Path, *, split_fused: bool = False) -> None:
-    """Write adapter_config.json + adapter_model.safetensors in PEFT's layout.
+def save_adapter(model: nn.Module, path: str | Path, *, split_fused: bool = False, note: str | None = None) -> None:
+    """Write adapter_config.json + adapter_model.safetensors in PEFT's layout, and a README.md.
 
     split_fused=True writes fused Phi-3 qkv_proj / gate_up_proj LoRAs as q/k/v_proj and
     gate/up_proj ones (same A for each, B sliced by rows: exact), for servers that want those.
+    The README names the base and the LoRA settings, says how to load the base when it was
+    loaded with rope scaling (`load_model(..., rope_scaling=)`), and ends with `note` if given.
     """
     cfg: LoraConfig | None = getattr(model, "lora_config", None)
     layers = lora_layers(model)
@@ -108,6 +110,35 @@ def save_adapter(model: nn.Module, path: str | Path, *, split_fused: bool = Fals
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    (out / README_FILE).write_text(adapter_readme(config, getattr(model.config, "rope_extension", None), note))
+
+
+def adapter_readme(config: dict, rope: dict | None, note: str | None) -> str:
+    """The adapter folder's README.md: base model, LoRA settings, the base's rope scaling if any, a note."""
+    base = config["base_model_name_or_path"] or "(unknown)"
+    repo = re.fullmatch(r"[\w.-]+/[\w.-]+", base) is not None and not Path(base).exists()
+    lines = ["---", *([f"base_model: {base}"] if repo else []), "library_name: peft", "tags: [lora, minidistill]",
+             "---", "# LoRA adapter", "",
+             f"A LoRA adapter for `{base}`, written by minidistill in PEFT's layout: r={config['r']}, "
+             f"alpha={config['lora_alpha']}{', rsLoRA' if config['use_rslora'] else ''}, targets "
+             f"{', '.join(config['target_modules'])}. Load it with `md.load_adapter(md.load_model(BASE), DIR)` "
+             "or PEFT's `PeftModel.from_pretrained`."]
+    if rope:
+        lengths = ("max_position_embeddings", "source_max_position_embeddings")
+        scaling = {k: v for k, v in rope.items() if k not in lengths}
+        flag = f"{scaling['rope_type']}:{scaling['factor']:g}"
+        if "original_max_position_embeddings" in scaling and scaling["rope_type"] == "yarn":
+            flag += f":{scaling['original_max_position_embeddings']}"
+        lines += ["", "## Context extension", "",
+                  f"Trained on the base with RoPE scaling `{json.dumps(scaling)}`: max_position_embeddings "
+                  f"{rope['max_position_embeddings']} (the checkpoint says {rope['source_max_position_embeddings']}). "
+                  f"Load the base the same way before this adapter: `md.load_model(BASE, rope_scaling={flag!r})`, "
+                  f"`--rope-scaling {flag}`, or for other tools set `rope_scaling` to that dict and "
+                  f"`max_position_embeddings` to {rope['max_position_embeddings']} in the base's config.json. "
+                  "A merged export (md.save_model) carries both already."]
+    if note:
+        lines += ["", note.strip()]
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------- reading

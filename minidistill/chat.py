@@ -7,6 +7,8 @@ The tokenizer encodes the joined text once and maps segments to tokens through c
 token merges and whitespace-stripping special tokens at segment boundaries cannot shift the mask.
 
 The format is chosen from the checkpoint's own template text (`detect_chat_format`), never from a folder name.
+Templates with a thinking switch (Qwen3's `enable_thinking`) have a second format for the switch off
+(`ChatFormat.no_thinking`), which `render_segments(..., enable_thinking=False)` picks.
 """
 
 from __future__ import annotations
@@ -109,6 +111,44 @@ def _chatml(default_system: str | None) -> Callable:
     return render
 
 
+def _qwen3(thinking: bool) -> Callable:
+    def render(msgs: list[dict], gen: bool, bos: str, eos: str) -> list[Segment]:
+        out: list[Segment] = []
+        if msgs[0]["role"] == "system":
+            out.append((f"<|im_start|>system\n{msgs[0]['content']}<|im_end|>\n", False))
+        # The last real user query (tool responses sent as user turns do not count): reasoning is kept
+        # only on the assistant turns after it, the answer being written now.
+        last_query = next((i for i in range(len(msgs) - 1, -1, -1) if msgs[i]["role"] == "user" and not (
+            msgs[i]["content"].startswith("<tool_response>") and msgs[i]["content"].endswith("</tool_response>"))),
+            len(msgs) - 1)
+        for i, m in enumerate(msgs):
+            role, content = m["role"], m["content"]
+            if role == "user" or (role == "system" and i > 0):
+                out.append((f"<|im_start|>{role}\n{content}<|im_end|>\n", False))
+                continue
+            if role != "assistant":
+                continue
+            reasoning = m.get("reasoning_content")
+            if not isinstance(reasoning, str):
+                reasoning = ""
+                if "</think>" in content:
+                    reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
+                    content = content.split("</think>")[-1].lstrip("\n")
+            head = "<|im_start|>assistant\n"
+            if i > last_query and (i == len(msgs) - 1 or reasoning):
+                think = "<think>\n" + reasoning.strip("\n") + "\n</think>\n\n"
+                content = content.lstrip("\n")
+                if thinking or reasoning:
+                    content = think + content  # the model writes its think block: trained
+                else:
+                    head += think  # thinking off: the empty block is part of the prompt, as at inference
+            out += [(head, False), (content + "<|im_end|>", True), ("\n", False)]
+        if gen:
+            out.append(("<|im_start|>assistant\n" + ("" if thinking else "<think>\n\n</think>\n\n"), False))
+        return out
+    return render
+
+
 @dataclass(frozen=True)
 class ChatFormat:
     """One family's layout: how to render, how to recognise its template, which tokens it needs."""
@@ -117,23 +157,31 @@ class ChatFormat:
     markers: tuple[str, ...]  # substrings that must all be in the template (newlines unescaped)
     tokens: tuple[str, ...]  # strings that must be single tokens in the vocabulary
     forbidden: tuple[str, ...] = ()  # substrings that rule the format out (a different template variant)
+    no_thinking: str | None = None  # the format of this template rendered with enable_thinking=False
 
 
 _PHI_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 _R1_MARKERS = ("<｜User｜>", "<｜Assistant｜>", "content.split('</think>')[-1]")
 _R1_TOKENS = ("<｜User｜>", "<｜Assistant｜>")
+# DeepSeek-V3-0324-style templates (R1-0528 and later) track `ns.is_last_user` and lay turns out differently:
+# not reproduced here, so they are refused rather than rendered with the R1-Distill layout.
+_R1_LATER = ("ns.is_last_user",)
 _CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
 _CHATML_MARKER = "'<|im_start|>' + message['role'] + '\n'"
+_QWEN3_MARKERS = ("'\n<think>\n' + reasoning_content.strip('\n') + '\n</think>\n\n'", "ns.last_query_index",
+                  "enable_thinking")
 
 # Order matters for detection: the first format whose markers all match wins.
 FORMATS: dict[str, ChatFormat] = {f.name: f for f in [
-    ChatFormat("deepseek-r1", _deepseek_r1(True), _R1_MARKERS + ("<｜Assistant｜><think>\n",), _R1_TOKENS),
-    ChatFormat("deepseek-r1-nothink", _deepseek_r1(False), _R1_MARKERS, _R1_TOKENS),
+    ChatFormat("deepseek-r1", _deepseek_r1(True), _R1_MARKERS + ("<｜Assistant｜><think>\n",), _R1_TOKENS, _R1_LATER),
+    ChatFormat("deepseek-r1-nothink", _deepseek_r1(False), _R1_MARKERS, _R1_TOKENS, _R1_LATER),
     ChatFormat("phi-4-mini-reasoning", _phi4_mini_reasoning, (PHI4_MINI_REASONING_SYSTEM, "<|end|>"), _PHI_TOKENS),
     ChatFormat("phi-4", _phi4, ("'<|im_start|>assistant<|im_sep|>' + message['content']",),
                ("<|im_start|>", "<|im_sep|>", "<|im_end|>")),
     ChatFormat("llama3", _llama3, ("<|start_header_id|>", "Cutting Knowledge Date: December 2023",
                                    "message['content'] | trim"), ("<|start_header_id|>", "<|eot_id|>")),
+    ChatFormat("qwen3", _qwen3(True), _QWEN3_MARKERS, _CHATML_TOKENS, no_thinking="qwen3-nothink"),
+    ChatFormat("qwen3-nothink", _qwen3(False), _QWEN3_MARKERS, _CHATML_TOKENS),  # never detected: qwen3 matches first
     ChatFormat("smollm2", _chatml(SMOLLM2_SYSTEM), (_CHATML_MARKER, SMOLLM2_SYSTEM), _CHATML_TOKENS),
     ChatFormat("qwen2.5", _chatml(QWEN25_SYSTEM), ("'<|im_start|>' + message.role + '\n'", QWEN25_SYSTEM),
                _CHATML_TOKENS, ("<think>", "reasoning_content")),
@@ -176,7 +224,12 @@ def check_messages(messages: list[dict]) -> None:
 
 
 def render_segments(fmt: ChatFormat, messages: list[dict], add_generation_prompt: bool,
-                    bos: str, eos: str) -> list[Segment]:
-    """The conversation as (text, trainable) segments in order; their texts joined are the prompt."""
+                    bos: str, eos: str, enable_thinking: bool = True) -> list[Segment]:
+    """The conversation as (text, trainable) segments in order; their texts joined are the prompt.
+
+    enable_thinking=False renders as the template does with that switch (Qwen3: an empty think
+    block closes the generation prompt); templates without the switch ignore it, as Jinja does."""
     check_messages(messages)
+    if not enable_thinking and fmt.no_thinking is not None:
+        fmt = FORMATS[fmt.no_thinking]
     return [(t, train) for t, train in fmt.render(messages, add_generation_prompt, bos, eos) if t]

@@ -22,6 +22,7 @@ from .hub import INDEX_FILE, SINGLE_FILE, resolve_model_dir
 from .model import Transformer
 from .quant import (BNB_SUFFIXES, NF4Linear, NF4State, block_linear_paths, bnb_nf4_config, check_quantize,
                     nf4_state_from_bnb_tensors, prequantized_paths, quantize_nf4)
+from .rope import parse_rope_scaling
 from .tokenizer import load_tokenizer
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
@@ -78,7 +79,8 @@ def open_weights(path: Path):
 
 
 def load_model(name_or_path: str, dtype: torch.dtype | str | None = torch.bfloat16,
-               device: str | torch.device = "cpu", quantize: str | None = None) -> Transformer:
+               device: str | torch.device = "cpu", quantize: str | None = None,
+               rope_scaling: dict | str | None = None) -> Transformer:
     """Load a checkpoint (preset name, hub repo id or local folder) into a Transformer.
 
     dtype: torch dtype, "bf16"/"fp16"/"fp32", or "auto" for the checkpoint's own; the compute
@@ -87,10 +89,16 @@ def load_model(name_or_path: str, dtype: torch.dtype | str | None = torch.bfloat
         NF4Linear, quantized one tensor at a time on `device`; embeddings, norms and the head
         stay in `dtype`. A pre-quantized bitsandbytes NF4 checkpoint ("-bnb-4bit" repos) loads
         in 4-bit whatever `quantize` says; its 16-bit modules (llm_int8_skip_modules) stay so.
+    rope_scaling: extend the context of a model with plain rope: a rope_scaling dict, or
+        "linear:F" / "dynamic:F" / "yarn:F[:ORIGINAL]" (`rope.parse_rope_scaling`). The model's
+        config (and so a merged export's config.json) then carries it.
     """
     check_quantize(quantize)
     folder = resolve_model_dir(str(name_or_path))
     cfg = ModelConfig.from_file(folder / "config.json")
+    if rope_scaling:
+        cfg = cfg.with_rope_scaling(parse_rope_scaling(rope_scaling) if isinstance(rope_scaling, str)
+                                    else rope_scaling)
     dtype = resolve_dtype(dtype, cfg)
     prequant = bnb_nf4_config(cfg.raw, str(folder / "config.json"))
     with torch.device("meta"):
@@ -172,13 +180,14 @@ def inference_dtype(dtype: str, device: str) -> str:
 
 
 def load_for_inference(model_name: str, adapter: str | None = None, dtype: str = "auto",
-                       device: str | None = None):
+                       device: str | None = None, rope_scaling: dict | str | None = None):
     """(model in eval mode with the adapter applied, tokenizer) for generation and evaluation;
-    dtype "auto" is bf16 on GPU, fp32 on CPU; device defaults to `default_device()`."""
+    dtype "auto" is bf16 on GPU, fp32 on CPU; device defaults to `default_device()`; rope_scaling
+    as `load_model`'s (the one an adapter was trained with, its README says which)."""
     from .adapter import load_adapter  # the adapter format sits above the loader: import on use
 
     device = device or default_device()
-    model = load_model(model_name, dtype=inference_dtype(dtype, device), device=device)
+    model = load_model(model_name, dtype=inference_dtype(dtype, device), device=device, rope_scaling=rope_scaling)
     if adapter:
         load_adapter(model, adapter)
     return model.eval(), load_tokenizer(model_name)  # eval after the swap: LoRA dropout stays off

@@ -163,21 +163,25 @@ class Tokenizer:
 
     # ---- chat ------------------------------------------------------------------------------------------------
 
-    def chat_segments(self, messages: list[dict], add_generation_prompt: bool = False) -> list[Segment]:
-        """The conversation as the chat format's (text, trainable) segments; joined, they are `render_chat`."""
+    def chat_segments(self, messages: list[dict], add_generation_prompt: bool = False,
+                      enable_thinking: bool = True) -> list[Segment]:
+        """The conversation as the chat format's (text, trainable) segments; joined, they are `render_chat`.
+        enable_thinking=False: the template's thinking switch off (Qwen3), ignored by templates without one."""
         if self.format is None:
             raise ValueError("this tokenizer has no chat template; pass chat_format=NAME to from_dir / "
                              "load_tokenizer to choose one of minidistill.chat.FORMATS")
         return render_segments(self.format, messages, add_generation_prompt, self.bos_token or "",
-                               self.eos_token or "")
+                               self.eos_token or "", enable_thinking)
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = False,
+                    enable_thinking: bool = True) -> str:
         """The conversation as the chat template would print it."""
-        return "".join(t for t, _ in self.chat_segments(messages, add_generation_prompt))
+        return "".join(t for t, _ in self.chat_segments(messages, add_generation_prompt, enable_thinking))
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = False,
+                    enable_thinking: bool = True) -> tuple[list[int], list[bool]]:
         """Token ids of the conversation and a same-length mask, True on assistant content and terminators."""
-        segments = self.chat_segments(messages, add_generation_prompt)
+        segments = self.chat_segments(messages, add_generation_prompt, enable_thinking)
         spans, pos = [], 0
         for text, train in segments:
             if train:

@@ -145,3 +145,94 @@ def nf4_ties_and_zeros(blocksize: int) -> torch.Tensor:
     zero = torch.zeros(1, blocksize)
     small = torch.full((1, blocksize), -3e-3)
     return torch.cat([vals, zero, small, vals * 2.0]).reshape(-1)  # *2: power of two, exact
+
+
+# ---- Qwen3 and the rope variants (issue 18), registered into CONFIGS
+def _qwen3_and_rope_configs() -> dict:
+    qwen3 = dict(BASE, model_type="qwen3", architectures=["Qwen3ForCausalLM"], head_dim=24, rope_theta=1000000.0,
+                 max_position_embeddings=128, rms_norm_eps=1e-6, tie_word_embeddings=True, attention_bias=False,
+                 use_sliding_window=False, sliding_window=None, max_window_layers=2, rope_scaling=None)
+    llama = dict(BASE, model_type="llama", architectures=["LlamaForCausalLM"], rope_theta=10000.0,
+                 max_position_embeddings=32, tie_word_embeddings=False)
+    return {
+        # Qwen3-0.6B..4B traits: q/k norms, head_dim (24) != hidden / heads (16), tied head, no biases.
+        "qwen3": qwen3,
+        # Qwen3-8B traits: untied head.
+        "qwen3-untied": dict(qwen3, tie_word_embeddings=False),
+        # DeepSeek-R1-0528-Qwen3-8B traits: YaRN x4 over the original context, plus its vLLM-only attn_factor.
+        "qwen3-yarn": dict(qwen3, tie_word_embeddings=False, max_position_embeddings=128,
+                           rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+                                         "attn_factor": 0.8782488562869419}),
+        # A plain-rope llama with each `--rope-scaling` kind (original context 32).
+        "llama-linear": dict(llama, max_position_embeddings=128, rope_scaling={"rope_type": "linear", "factor": 4.0}),
+        "llama-dynamic": dict(llama, rope_scaling={"rope_type": "dynamic", "factor": 4.0}),
+        "llama-yarn": dict(llama, max_position_embeddings=96,
+                           rope_scaling={"rope_type": "yarn", "factor": 3.0, "original_max_position_embeddings": 32,
+                                         "beta_fast": 16, "beta_slow": 2}),
+        "llama-plain": llama,
+    }
+
+
+CONFIGS.update(_qwen3_and_rope_configs())
+
+
+# ---- a tiny model of a family with that family's tokenizer (recipes, templates): no transformers needed
+def write_family_model(folder: Path, name: str, tok_family: str, *, seed: int = 0, **overrides) -> Path:
+    """A runnable checkpoint folder: CONFIGS[name]'s shape traits (vocab sized to the tokenizer, its
+    special ids) with random weights written by our own model class, plus tok_fixtures' tokenizer
+    files of `tok_family` (chat template, generation_config.json). Returns the folder."""
+    from safetensors.torch import save_file
+
+    from minidistill.config import ModelConfig
+    from minidistill.model import Transformer
+    from minidistill.tokenizer import Tokenizer
+    from tok_fixtures import write_tokenizer
+
+    folder = Path(folder)
+    write_tokenizer(tok_family, folder)  # writes a config.json stub too: replaced below
+    tok = Tokenizer.from_dir(folder)
+    hub = copy.deepcopy(dict(CONFIGS[name], **overrides))
+    hub.update(vocab_size=(len(tok) + 63) // 64 * 64, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+               pad_token_id=tok.pad_id)
+    (folder / "config.json").write_text(json.dumps(hub, indent=2))
+    torch.manual_seed(seed)
+    model = Transformer(ModelConfig.from_hf(hub))
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if pname.endswith("norm.weight") else 0.08 * torch.randn_like(p))
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+def write_tiny_model(folder, hidden: int = 32, layers: int = 1, seed: int = 0) -> Path:
+    """A random Llama-layout checkpoint (our own writer, no transformers) sized for the tokenizer
+    already in `folder` (e.g. from tok_fixtures.write_tokenizer): config.json is rewritten with
+    the model fields, keeping the stub's special ids. Returns the folder."""
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer
+
+    from minidistill.config import ModelConfig
+    from minidistill.model import Transformer
+
+    folder = Path(folder)
+    stub = json.loads((folder / "config.json").read_text()) if (folder / "config.json").exists() else {}
+    vocab = Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+    eos = stub.get("eos_token_id")
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": (vocab + 7) // 8 * 8,
+              "hidden_size": hidden, "intermediate_size": hidden * 2, "num_hidden_layers": layers,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "hidden_act": "silu",
+              "max_position_embeddings": 1024, "rope_theta": 10000.0, "tie_word_embeddings": False,
+              "bos_token_id": stub.get("bos_token_id"), "eos_token_id": eos[0] if isinstance(eos, list) else eos,
+              "pad_token_id": stub.get("pad_token_id"), "torch_dtype": "float32"}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    torch.manual_seed(seed)
+    model = Transformer(ModelConfig.from_hf(config))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                p.normal_(0, 0.3 if p.dim() == 2 and "embed" in name else p.shape[-1] ** -0.5)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    return folder

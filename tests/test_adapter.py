@@ -14,10 +14,11 @@ peft = pytest.importorskip("peft")
 
 
 SEVEN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-PEFT_TARGETS = {"phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"], "llama": list(SEVEN), "qwen2": list(SEVEN)}
+PEFT_TARGETS = {"phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"], "llama": list(SEVEN), "qwen2": list(SEVEN),
+                "qwen3": list(SEVEN)}
 
 
-CASES = [(n, rs) for n in ("llama3", "qwen2", "phi3.5", "phi4-mini") for rs in (False, True)]
+CASES = [(n, rs) for n in ("llama3", "qwen2", "phi3.5", "phi4-mini") for rs in (False, True)] + [("qwen3", False)]
 
 
 @pytest.mark.parametrize("name,rslora", CASES, ids=[f"{n}-{'rs' if r else 'plain'}" for n, r in CASES])
@@ -175,3 +176,27 @@ def test_bad_adapter_config_names_the_file_and_field(tmp_path, text, match):
     (tmp_path / "adapter_model.safetensors").write_bytes(b"")
     with pytest.raises(ValueError, match=match):
         read_adapter(tmp_path)
+
+
+def test_readme_names_base_settings_rope_scaling_and_note(tmp_path):
+    write_checkpoint(tmp_path / "base", "qwen3")
+    model = md.apply_lora(md.load_model(tmp_path / "base", dtype=torch.float32), md.LoraConfig(r=4, alpha=8),
+                          verbose=False)
+    md.save_adapter(model, tmp_path / "plain")
+    plain = (tmp_path / "plain" / "README.md").read_text()
+    assert f"for `{tmp_path / 'base'}`" in plain and "r=4, alpha=8" in plain and "k_proj" in plain
+    assert "base_model:" not in plain and "Context extension" not in plain  # a local folder is no hub id
+
+    scaled = md.load_model(tmp_path / "base", dtype=torch.float32, rope_scaling="yarn:4")
+    scaled.source = "Qwen/Qwen3-0.6B"
+    md.apply_lora(scaled, md.LoraConfig(r=4, alpha=8), verbose=False)
+    md.save_adapter(scaled, tmp_path / "scaled", note="Distilled from R1 traces.")
+    text = (tmp_path / "scaled" / "README.md").read_text()
+    assert "base_model: Qwen/Qwen3-0.6B" in text and text.rstrip().endswith("Distilled from R1 traces.")
+    assert "rope_scaling='yarn:4:128'" in text and "--rope-scaling yarn:4:128" in text
+    assert "max_position_embeddings 512 (the checkpoint says 128)" in text
+    # What the README says to do loads the base as it was trained.
+    again = md.load_model(tmp_path / "base", dtype=torch.float32, rope_scaling="yarn:4:128")
+    again.source = scaled.source
+    assert again.config.raw == scaled.config.raw
+    assert md.load_adapter(again, tmp_path / "scaled", verbose=False) is again

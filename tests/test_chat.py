@@ -1,6 +1,7 @@
 """Chat formats and the tokenizer against transformers' apply_chat_template on each family's real template."""
 
 import json
+import re
 
 import pytest
 
@@ -13,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 TERMINATOR = {"phi-4-mini": "<|end|>", "phi-4-mini-reasoning": "<|end|>", "phi-4": "<|im_end|>",
               "phi-3": "<|end|>", "phi-3.5": "<|end|>", "llama3": "<|eot_id|>", "deepseek-r1": "<｜end▁of▁sentence｜>",
-              "smollm2": "<|im_end|>", "qwen2.5": "<|im_end|>"}
+              "smollm2": "<|im_end|>", "qwen2.5": "<|im_end|>", "qwen3": "<|im_end|>"}
 THINK = "<think>\nLet me think step by step. 2 + 2 = 4.\n</think>\n\nThe answer is 4."
 
 CONVERSATIONS = {
@@ -61,8 +62,10 @@ def mask_runs(ids, mask):
     return runs + ([cur] if cur else [])
 
 
-def expected_turns(family, fmt, messages, gen):
+def expected_turns(family, fmt, messages, gen, hf_text=None):
     """Each rendered assistant turn's trained text: content (as the template prints it) + terminator."""
+    if fmt == "qwen3":  # the template rewrites turns (think blocks): read them off the template's own output
+        return re.findall(r"<\|im_start\|>assistant\n(.*?<\|im_end\|>)", hf_text, flags=re.S)
     lstrip = {t[0]: t[2] for t in FAMILIES[family]["tokens"]}.get(TERMINATOR[fmt], False)
     out = []
     for i, m in enumerate(messages):
@@ -99,7 +102,8 @@ def test_matches_transformers(family, tok_dirs):
             # Special tokens that strip whitespace (rstrip/lstrip) swallow the edges of a turn, so compare
             # the decoded turn with its edges stripped; the inside must match exactly.
             got = [tok.decode(run).strip() for run in mask_runs(ids, mask)]
-            assert got == [t.strip() for t in expected_turns(family, tok.chat_format, msgs, gen)], where
+            want = expected_turns(family, tok.chat_format, msgs, gen, text)
+            assert got == [t.strip() for t in want], where
             if tok.bos_id is not None:
                 assert ids[:2] != [tok.bos_id] * 2, f"double BOS in {where}"  # SmolLM2's BOS is <|im_start|>
 
@@ -213,3 +217,70 @@ def test_bad_messages_fail_naming_the_message(tok_dirs):
         tok.encode_chat([{"role": "user", "content": "hi"}, {"role": "tool", "content": "x"}])
     with pytest.raises(ValueError, match="empty"):
         tok.encode_chat([])
+
+
+# ---------------------------------------------------------------------------- qwen3
+
+QWEN3_CASES = {
+    "final_think": [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": THINK}],
+    "history_think": CONVERSATIONS["multi_think"] + [{"role": "user", "content": "Again?"},
+                                                     {"role": "assistant", "content": THINK}],
+    "reasoning_field": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2 + 2?"},
+                        {"role": "assistant", "content": "\n\n4", "reasoning_content": "\nadd them\n\n"}],
+    "tool_response_user": [{"role": "user", "content": "Look it up."}, {"role": "assistant", "content": THINK},
+                           {"role": "user", "content": "<tool_response>\n42\n</tool_response>"},
+                           {"role": "assistant", "content": "<think>\nIt says 42.\n</think>\n\n42."}],
+    "two_after_query": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "<think>\nhm\n</think>\nA"},
+                        {"role": "assistant", "content": "B"}, {"role": "assistant", "content": "C"}],
+    "late_system": [{"role": "user", "content": "Hi"}, {"role": "system", "content": "Mind the user."},
+                    {"role": "assistant", "content": "Hello"}],
+}
+
+
+def test_qwen3_thinking_rules_match_transformers(tok_dirs):
+    hf = transformers.AutoTokenizer.from_pretrained(tok_dirs["qwen3"])
+    tok = Tokenizer.from_dir(tok_dirs["qwen3"])
+    think, end_think = tok.token_to_id("<think>"), tok.token_to_id("</think>")
+    for name, msgs in {**CONVERSATIONS, **QWEN3_CASES}.items():
+        for gen in (False, True):
+            for thinking in (True, False):
+                where = f"{name} / add_generation_prompt={gen} / enable_thinking={thinking}"
+                text = hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen, enable_thinking=thinking)
+                assert tok.render_chat(msgs, gen, enable_thinking=thinking) == text, where
+                ids, mask = tok.encode_chat(msgs, gen, enable_thinking=thinking)
+                assert ids == oracle_ids(hf, msgs, gen, enable_thinking=thinking), where
+                runs = [tok.decode(r).strip() for r in mask_runs(ids, mask)]  # merged newlines: edges aside
+                turns = expected_turns("qwen3", "qwen3", msgs, gen, text)
+                if not thinking:  # the final turn's empty think block is prompt, as at inference
+                    turns = [t.removeprefix("<think>\n\n</think>\n\n") if i == len(turns) - 1 else t
+                             for i, t in enumerate(turns)]
+                assert runs == [t.strip() for t in turns], where
+    # History reasoning is dropped, the final answer's kept (as trained text, think tags atomic).
+    text = tok.render_chat(QWEN3_CASES["history_think"])
+    assert text.count("step by step") == 1 and text.endswith(f"<|im_start|>assistant\n{THINK}<|im_end|>\n")
+    ids, mask = tok.encode_chat(QWEN3_CASES["history_think"])
+    assert [m for i, m in zip(ids, mask) if i in (think, end_think)] == [True, True]
+    # enable_thinking=False closes the generation prompt with an empty think block.
+    prompt = tok.render_chat(CONVERSATIONS["single"], True, enable_thinking=False)
+    assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert tok.render_chat(CONVERSATIONS["single"], True).endswith("<|im_start|>assistant\n")
+    forced = md.load_tokenizer(str(tok_dirs["qwen3"]), chat_format="qwen3-nothink")
+    assert forced.render_chat(CONVERSATIONS["single"], True) == prompt
+
+
+def test_thinking_switch_is_ignored_by_templates_without_one(tok_dirs):
+    tok = Tokenizer.from_dir(tok_dirs["qwen2.5"])
+    msgs = CONVERSATIONS["multi_think"]
+    assert tok.encode_chat(msgs, enable_thinking=False) == tok.encode_chat(msgs)
+    assert detect_chat_format(FAMILIES["qwen3"]["template"]) == "qwen3"
+    assert detect_chat_format(FAMILIES["qwen2.5"]["template"]) == "qwen2.5"  # Qwen2.5 stays itself
+
+
+def test_later_deepseek_templates_are_refused_not_misrendered():
+    # DeepSeek-V3-0324-style templates (R1-0528 ...) keep `ns.is_last_user`; the R1-Distill layout is not theirs.
+    later = FAMILIES["r1-distill-qwen"]["template"].replace(
+        "system_prompt='') %}",
+        "system_prompt='', is_first_sp=true, is_last_user=false) %}{%- set ns.is_last_user = true -%}")
+    assert "ns.is_last_user" in later
+    with pytest.raises(ValueError, match="unrecognised chat template.*chat_format=NAME"):
+        detect_chat_format(later)

@@ -3,6 +3,7 @@ errors that name the value; the presets table."""
 
 import copy
 import json
+import math
 import re
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 import minidistill as md
 import model_fixtures
 from minidistill.config import PRESETS, ModelConfig, preset_repo
+from minidistill.rope import parse_rope_scaling
 
 # Copied when pytest imports this file, before any test runs: transformers writes into the nested
 # rope dicts of a config it is given, and write_checkpoint hands it CONFIGS' own, so after other
@@ -40,8 +42,9 @@ def test_real_phi4_mini_config_attention_factor():
 
 
 @pytest.mark.parametrize("bad,match", [
-    ({"model_type": "gpt2"}, "unsupported model_type 'gpt2'; supported: llama, mistral, qwen2, phi3"),
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "unsupported rope type 'yarn'.*supported: default, llama3, longrope"),
+    ({"model_type": "gpt2"}, "unsupported model_type 'gpt2'; supported: llama, mistral, qwen2, qwen3, phi3"),
+    ({"rope_scaling": {"rope_type": "ntk-by-parts", "factor": 4.0}},
+     "unsupported rope type 'ntk-by-parts'.*supported: default, linear, dynamic, yarn, llama3, longrope"),
     ({"hidden_act": "gelu"}, "unsupported hidden_act 'gelu'"),
 ])
 def test_config_errors_name_the_value(bad, match):
@@ -124,3 +127,106 @@ def test_presets_are_repo_ids():
     assert all(len(repo.split("/")) == 2 and all(repo.split("/")) for repo in PRESETS.values())
     with pytest.raises(ValueError, match=re.escape("valid presets: " + ", ".join(sorted(PRESETS)))):
         preset_repo("llama-9")
+
+
+# ---------------------------------------------------------------------------- qwen3, rope variants, --rope-scaling
+
+def test_qwen3_flags_and_presets():
+    cfg = ModelConfig.from_hf(CONFIGS["qwen3"])
+    assert cfg.qk_norm and cfg.head_dim == 24 and cfg.rotary_dim == 24  # explicit head_dim, not 64 / 4
+    assert cfg.tie_word_embeddings and not (cfg.attention_bias or cfg.o_proj_bias or cfg.fused_qkv)
+    assert not ModelConfig.from_hf(CONFIGS["qwen3-untied"]).tie_word_embeddings
+    biased = ModelConfig.from_hf(dict(CONFIGS["qwen3"], attention_bias=True))
+    assert biased.attention_bias and biased.o_proj_bias  # qwen3's flag biases o_proj too (unlike qwen2)
+    assert not ModelConfig.from_hf(CONFIGS["qwen2"]).qk_norm
+    windowed = ModelConfig.from_hf(dict(CONFIGS["qwen3"], use_sliding_window=True, sliding_window=8,
+                                        max_window_layers=1))
+    assert [windowed.layer_window(i) for i in range(2)] == [None, 8]
+    typed = ModelConfig.from_hf(dict(CONFIGS["qwen3"], use_sliding_window=True, sliding_window=8,
+                                     layer_types=["sliding_attention", "full_attention"]))
+    assert [typed.layer_window(i) for i in range(2)] == [8, None]  # explicit layer_types win
+    assert ModelConfig.from_hf(dict(CONFIGS["qwen3"], sliding_window=8)).layer_window(1) is None  # not in use
+    assert [preset_repo(n) for n in ("qwen3-0.6b", "qwen3-1.7b", "qwen3-4b", "qwen3-8b", "r1-0528-qwen3-8b")] == [
+        "Qwen/Qwen3-0.6B", "Qwen/Qwen3-1.7B", "Qwen/Qwen3-4B", "Qwen/Qwen3-8B", "deepseek-ai/DeepSeek-R1-0528-Qwen3-8B"]
+
+
+def test_rope_variants_read_from_both_layouts():
+    lin = ModelConfig.from_hf(CONFIGS["llama-linear"])
+    assert (lin.rope_type, lin.rope_factor, lin.attention_factor) == ("linear", 4.0, 1.0)
+    dyn = ModelConfig.from_hf(CONFIGS["llama-dynamic"])
+    assert (dyn.rope_type, dyn.rope_factor, dyn.max_position_embeddings) == ("dynamic", 4.0, 32)
+    yarn = ModelConfig.from_hf(CONFIGS["llama-yarn"])
+    assert (yarn.rope_type, yarn.rope_factor, yarn.original_max_position_embeddings) == ("yarn", 3.0, 32)
+    assert (yarn.beta_fast, yarn.beta_slow, yarn.yarn_truncate) == (16.0, 2.0, True)
+    assert yarn.attention_factor == pytest.approx(0.1 * math.log(3.0) + 1)  # transformers' default mscale
+    for name in ("llama-linear", "llama-dynamic", "llama-yarn"):
+        d = copy.deepcopy(CONFIGS[name])
+        d["rope_parameters"] = dict(d.pop("rope_scaling"), rope_theta=d.pop("rope_theta"))
+        new, old = ModelConfig.from_hf(d), ModelConfig.from_hf(CONFIGS[name])
+        assert {k: v for k, v in vars(new).items() if k != "raw"} == {k: v for k, v in vars(old).items() if k != "raw"}
+
+
+def test_yarn_attention_factor_defaults_and_overrides():
+    base = dict(CONFIGS["llama-yarn"])
+    rs = base["rope_scaling"]
+    assert ModelConfig.from_hf(dict(base, rope_scaling=dict(rs, attention_factor=0.7))).attention_factor == 0.7
+    ms = ModelConfig.from_hf(dict(base, rope_scaling=dict(rs, mscale=1.0, mscale_all_dim=0.5)))
+    assert ms.attention_factor == pytest.approx((0.1 * math.log(3) + 1) / (0.05 * math.log(3) + 1))
+    implicit = ModelConfig.from_hf(dict(base, rope_scaling={"rope_type": "yarn", "factor": None,
+                                                             "original_max_position_embeddings": 24}))
+    assert implicit.rope_factor == 96 / 24 and implicit.beta_fast == 32.0 and implicit.beta_slow == 1.0
+    no_orig = ModelConfig.from_hf(dict(base, rope_scaling={"rope_type": "yarn", "factor": 2.0, "truncate": False}))
+    assert no_orig.original_max_position_embeddings == 96 and not no_orig.yarn_truncate
+    with pytest.warns(UserWarning, match="attn_factor=0.878.*ignored by transformers"):
+        r1 = ModelConfig.from_hf(CONFIGS["qwen3-yarn"])  # DeepSeek-R1-0528-Qwen3-8B's vLLM-only key
+    assert r1.attention_factor == pytest.approx(0.1 * math.log(4) + 1)
+
+
+@pytest.mark.parametrize("spec,want", [
+    ("linear:4", {"rope_type": "linear", "factor": 4.0}),
+    ("dynamic:2.5", {"rope_type": "dynamic", "factor": 2.5}),
+    ("yarn:4", {"rope_type": "yarn", "factor": 4.0}),
+    ("yarn:4:32768", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}),
+])
+def test_parse_rope_scaling(spec, want):
+    assert parse_rope_scaling(spec) == want
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("ntk:4", "not understood"), ("linear", "not understood"), ("linear:4:9", "not understood"),
+    ("yarn:x", "are not numbers"), ("linear:0.5", "must be > 1"), ("dynamic:1", "must be > 1"),
+])
+def test_parse_rope_scaling_errors(spec, match):
+    with pytest.raises(ValueError, match=match) as err:
+        parse_rope_scaling(spec)
+    assert spec in str(err.value) and "yarn:4" in str(err.value)
+
+
+def test_with_rope_scaling_rewrites_the_config_dict():
+    plain = ModelConfig.from_hf(CONFIGS["qwen3"])
+    lin = plain.with_rope_scaling(parse_rope_scaling("linear:4"))
+    assert (lin.rope_type, lin.rope_factor, lin.max_position_embeddings) == ("linear", 4.0, 512)
+    assert lin.raw["rope_scaling"] == {"rope_type": "linear", "factor": 4.0}
+    assert lin.raw["max_position_embeddings"] == 512
+    assert plain.raw["rope_scaling"] is None and plain.raw["max_position_embeddings"] == 128  # the source untouched
+    yarn = plain.with_rope_scaling(parse_rope_scaling("yarn:4:32"))
+    assert (yarn.original_max_position_embeddings, yarn.max_position_embeddings) == (32, 128)
+    assert yarn.raw["rope_scaling"] == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+    dyn = plain.with_rope_scaling({"rope_type": "dynamic", "factor": 2.0})
+    assert dyn.max_position_embeddings == 128 and dyn.rope_type == "dynamic"  # dynamic scales past it itself
+    # The newer layout: the scaling goes into rope_parameters, next to rope_theta.
+    d = dict(CONFIGS["llama-plain"])
+    d["rope_parameters"] = {"rope_type": "default", "rope_theta": d.pop("rope_theta")}
+    new = ModelConfig.from_hf(d).with_rope_scaling(parse_rope_scaling("yarn:2"))
+    assert new.raw["rope_parameters"] == {"rope_theta": 10000.0, "rope_type": "yarn", "factor": 2.0,
+                                          "original_max_position_embeddings": 32}
+    assert "rope_scaling" not in new.raw and new.max_position_embeddings == 64
+
+
+def test_with_rope_scaling_refuses_what_cannot_round_trip():
+    with pytest.raises(ValueError, match="already scales its rope \\('llama3'\\)"):
+        ModelConfig.from_hf(CONFIGS["llama3"]).with_rope_scaling(parse_rope_scaling("linear:2"))
+    with pytest.raises(ValueError, match="'yarn' in a phi3 config as LongRoPE"):
+        ModelConfig.from_hf(CONFIGS["phi4"]).with_rope_scaling(parse_rope_scaling("yarn:2"))
+    with pytest.raises(ValueError, match="expected rope_type linear, dynamic or yarn"):
+        ModelConfig.from_hf(CONFIGS["phi4"]).with_rope_scaling({"rope_type": "llama3", "factor": 8.0})

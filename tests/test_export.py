@@ -22,7 +22,7 @@ def lora_model(folder, **cfg) -> md.Transformer:
     return model
 
 
-@pytest.mark.parametrize("name", ["llama3", "llama3-tied", "phi3.5", "phi4-mini", "qwen2"])
+@pytest.mark.parametrize("name", ["llama3", "llama3-tied", "phi3.5", "phi4-mini", "qwen2", "qwen3", "qwen3-untied"])
 def test_merged_export_matches_lora_logits(tmp_path, name):
     write_checkpoint(tmp_path / "base", name)
     (tmp_path / "base" / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7], "do_sample": False}))
@@ -119,3 +119,26 @@ def test_parse_size():
     assert parse_size("40KB") == 40_000
     with pytest.raises(ValueError, match="5 gigs"):
         parse_size("5 gigs")
+
+
+def test_qwen3_qk_norms_stay_frozen_and_are_exported(tmp_path):
+    ref = write_checkpoint(tmp_path / "base", "qwen3")
+    model = lora_model(tmp_path / "base", targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                   "down_proj"))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)  # q_norm / k_norm are frozen base weights
+    assert "model.layers.0.self_attn.q_norm.weight" in dict(model.named_parameters())
+    x = ids()
+    with torch.no_grad():
+        want = model(x)
+    md.save_model(md.merge_lora(model), tmp_path / "merged")
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "merged" / "model.safetensors")
+    for i in range(2):
+        for norm in ("q_norm", "k_norm"):
+            key = f"model.layers.{i}.self_attn.{norm}.weight"
+            assert torch.equal(saved[key], ref.state_dict()[key])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert rel_err(hf(x).logits, want) <= 1e-4

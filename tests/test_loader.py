@@ -96,3 +96,16 @@ def test_damaged_weights_file_is_named_with_what_to_do(tmp_path, damage):
     f.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\0" * 64)
     with pytest.raises(ValueError, match=r"model.safetensors is damaged .*download it again"):
         md.load_model(tmp_path, dtype=torch.float32)
+
+
+def test_load_for_inference_with_the_adapters_rope_scaling(tmp_path):
+    folder = build_demo_model(tmp_path / "demo")
+    model = md.apply_lora(md.load_model(folder, dtype=torch.float32, rope_scaling="linear:4"),
+                          md.LoraConfig(r=4, alpha=8), verbose=False)
+    md.save_adapter(model, tmp_path / "adapter")
+    loaded, _ = load_for_inference(str(folder), str(tmp_path / "adapter"), "fp32", "cpu", rope_scaling="linear:4")
+    plain, _ = load_for_inference(str(folder), str(tmp_path / "adapter"), "fp32", "cpu")
+    assert loaded.config.rope_type == "linear" and plain.config.rope_type == "default"
+    x = torch.randint(3, 96, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert rel_err(loaded(x), model.eval()(x)) <= 1e-6 and rel_err(plain(x), model(x)) > 1e-3

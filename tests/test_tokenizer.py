@@ -15,7 +15,7 @@ CONV = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
         {"role": "assistant", "content": "<think>\n2 + 2 = 4.\n</think>\nThe answer is 4."},
         {"role": "user", "content": "Thanks!"}, {"role": "assistant", "content": "You are welcome."}]
 TERMINATOR = {"phi-4-mini": "<|end|>", "phi-3": "<|end|>", "llama-3.1": "<|eot_id|>",
-              "r1-distill-qwen": "<｜end▁of▁sentence｜>", "smollm2": "<|im_end|>"}
+              "r1-distill-qwen": "<｜end▁of▁sentence｜>", "smollm2": "<|im_end|>", "qwen3": "<|im_end|>"}
 
 
 @pytest.fixture(scope="module")
