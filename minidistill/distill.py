@@ -3,7 +3,10 @@
 `python -m minidistill.distill cache-logits --teacher M --data D --top-k 32 --output DIR`
 prepares the data exactly as training does (every DataConfig field is a flag), runs the
 teacher once and writes its top-k log-probs per labelled position (`teacher_cache.cache_logits`);
-train with `--teacher-cache DIR`. With no subcommand it lists the subcommands.
+train with `--teacher-cache DIR`. With `--tokenizer S` naming a student tokenizer that differs
+from the teacher's, the cache holds the teacher's distributions mapped onto S's ids at the
+aligned positions (cross-tokenizer KD, xkd.py); training reads it unchanged. With no
+subcommand it lists the subcommands.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ def _parser() -> argparse.ArgumentParser:
                        description="Prepare the data as training does, run the teacher, store its top-k "
                                    "log-probs per labelled position (see minidistill/teacher_cache.py).")
     c.add_argument("--teacher", required=True, help="teacher: preset name, hub repo id or local folder")
-    c.add_argument("--tokenizer", help="tokenizer the student trains with (default: the teacher's); KD needs a "
-                                       "shared vocabulary")
+    c.add_argument("--tokenizer", help="tokenizer the student trains with (default: the teacher's); when it differs "
+                                       "from the teacher's, the teacher reads each conversation in its own chat "
+                                       "format and the cache stores its top-k mapped onto the student's ids")
     c.add_argument("--data", required=True, help="data file, folder or hub dataset id, as given to training")
     c.add_argument("--top-k", type=int, default=32, help="teacher ids kept per position (default: %(default)s)")
     c.add_argument("--output", required=True, help="cache folder to write")
@@ -49,19 +53,30 @@ def cache_logits_command(args: argparse.Namespace) -> None:
     from .teacher_cache import cache_logits
     from .tokenizer import load_tokenizer
 
+    from .teacher import cross_plan, same_tokenizer
+
     tok = load_tokenizer(args.tokenizer or args.teacher)
-    data = prepare_data(args.data, tok, config_from_args(DataConfig, args))
+    data_cfg = config_from_args(DataConfig, args)
+    data = prepare_data(args.data, tok, data_cfg)
+    plan, pad = None, 0
+    if args.tokenizer:
+        t_tok = load_tokenizer(args.teacher)
+        if not same_tokenizer(tok, t_tok, data.samples):
+            plan = cross_plan(args.data, data_cfg, tok, t_tok, data, print)
+            pad = t_tok.pad_id if t_tok.pad_id is not None else (t_tok.eos_id or 0)
     teacher = load_model(args.teacher, dtype=inference_dtype(args.dtype, args.device), device=args.device).eval()
-    if teacher.head_weight.shape[0] < len(tok):
+    if plan is None and teacher.head_weight.shape[0] < len(tok):
         raise ValueError(f"teacher vocab {teacher.head_weight.shape[0]} < tokenizer size {len(tok)}: the teacher "
                          "cannot score every token of this data; use a teacher that shares the tokenizer")
     out = cache_logits(teacher, data, args.output, top_k=args.top_k, batch_size=args.batch_size,
                        dtype=args.store_dtype, temperature=args.temperature, teacher_name=args.teacher,
-                       vocab_size=len(tok), progress=True)
+                       vocab_size=len(tok), progress=True, plan=plan, pad_id=pad)
     meta = json.loads((out / "meta.json").read_text())
     n = sum(s["num_positions"] for s in meta["shards"])
+    mapped = (f"; mapped onto the student's vocabulary, {100 * meta['mapped']['coverage']:.1f}% of positions with "
+              "a target") if "mapped" in meta else ""
     print(f"cached top-{args.top_k} of {args.teacher} for {meta['num_samples']:,} samples, {n:,} positions, "
-          f"{len(meta['shards'])} shard(s) in {out} (fingerprint {meta['fingerprint']})")
+          f"{len(meta['shards'])} shard(s) in {out} (fingerprint {meta['fingerprint']}){mapped}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -47,11 +47,17 @@ _BUFFERS = {"forward": 3, "reverse": 3, "jsd": 4, "topk": 2}
 @dataclass
 class KDOutput:
     """loss: scalar to backward, sum of per-token divergence * T**2 / num_items.
-    num_tokens: labelled positions here. loss_sum: the unnormalised sum, detached, fp32."""
+    num_tokens: labelled positions here. loss_sum: the unnormalised sum, detached, fp32.
+    coverage / num_covered: see below (the trainer logs the step's share as kd_coverage)."""
 
     loss: Tensor
     num_tokens: int
     loss_sum: Tensor
+    # Share of the num_tokens positions that have a KD target, and how many: 1.0 / None with a
+    # shared tokenizer (every position); below 1 across tokenizers (xkd.py), where unaligned
+    # positions get CE only. Host numbers, known without a device sync.
+    coverage: float = 1.0
+    num_covered: int | None = None
 
 
 # ---------------------------------------------------------------------------- per-chunk maths
@@ -200,7 +206,8 @@ def kd_loss_reference(student_logits: Tensor, teacher_logits: Tensor, labels: Te
 def kd_from_topk(student_hidden: Tensor, student_head: Tensor, labels: Tensor, topk_ids: Tensor,
                  topk_logprobs: Tensor, tail_logprob: Tensor, *, temperature: float = 1.0,
                  num_items: int | float | Tensor | None = None, positions: Tensor | None = None,
-                 chunk_size: int | None = None, chunk_budget_mb: float = DEFAULT_CHUNK_BUDGET_MB) -> KDOutput:
+                 chunk_size: int | None = None, chunk_budget_mb: float = DEFAULT_CHUNK_BUDGET_MB,
+                 row_mask: Tensor | None = None) -> KDOutput:
     """Forward KL from a teacher known only by its top-k, on labelled positions.
 
     topk_ids (N, k), topk_logprobs (N, k) and tail_logprob (N,) hold, for the N labelled
@@ -217,7 +224,9 @@ def kd_from_topk(student_hidden: Tensor, student_head: Tensor, labels: Tensor, t
     Its gradient w.r.t. z_s / T is p * sum(r) - r with the target r_i = q_i on S and
     r_v = Q_tail * p_v / P_tail off S: the tail mass is spread as the student spreads it.
     positions, chunk_size, chunk_budget_mb: as in `chunked_kd_loss` (with positions, the
-    labels and top-k ids are not range-checked: that would sync).
+    labels and top-k ids are not range-checked: that would sync). row_mask (N,) bool: rows
+    that count (a cross-tokenizer cache marks positions without a teacher target False: they
+    get no loss and no gradient, but still count in the default denominator).
     """
     T = _check_temperature(temperature)
     pos = labelled_positions(student_hidden, labels, positions, IGNORE_INDEX, "student_hidden")
@@ -240,8 +249,18 @@ def kd_from_topk(student_hidden: Tensor, student_head: Tensor, labels: Tensor, t
     ids = topk_ids.to(h.device, torch.long)
     lq_all = topk_logprobs.to(h.device, torch.float32)
     lt_all = tail_logprob.to(h.device, torch.float32)
+    if row_mask is not None and row_mask.shape != (N,):
+        raise ValueError(f"row_mask must be (N,) = ({N},) like tail_logprob, got {tuple(row_mask.shape)}")
+    keep_all = None if row_mask is None else row_mask.to(h.device, torch.bool)
 
     def topk_chunk(s: int, e: int, logits: Tensor, need_grad: bool) -> tuple[Tensor, Tensor | None]:
+        div, grad = _topk_chunk(s, e, logits, need_grad)
+        if keep_all is None:
+            return div, grad
+        keep = keep_all[s:e]  # rows without a teacher target (cross-tokenizer caches): no loss, no gradient
+        return torch.where(keep, div, torch.zeros_like(div)), (None if grad is None else grad.mul_(keep[:, None]))
+
+    def _topk_chunk(s: int, e: int, logits: Tensor, need_grad: bool) -> tuple[Tensor, Tensor | None]:
         idx, lq, lt = ids[s:e], lq_all[s:e], lt_all[s:e]  # (c, k), (c, k), (c,)
         if T != 1.0:
             logits.div_(T)

@@ -15,6 +15,13 @@ slice. Shards close after ~100k positions (top-32 fp16 ~ 20 MB). meta.json recor
 teacher, k, temperature, vocab size and a fingerprint of the prepared samples (their ids and
 labels), so a cache made for other data, another tokenizer or other DataConfig options is
 refused.
+
+Across tokenizers (`plan`, an xkd.CrossPlan): the teacher reads each sample in its own chat
+format and tokens; at each student labelled position with an aligned teacher position, the
+teacher's distribution is mapped onto the student vocabulary (xkd.mapped_distribution) and its
+top-k is stored in *student* ids, so training reads it like any cache. Positions without a
+target hold a placeholder row and `covered` (P,) uint8 = 0 in the shard; meta.json gets
+"mapped": {...} (teacher vocabulary, coverage). `vocab_size` is then the student's.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 
@@ -53,16 +61,22 @@ def samples_fingerprint(data) -> str:
 def cache_logits(teacher, data, output: str | Path, *, top_k: int = 32, batch_size: int = 8,
                  dtype: str = "fp16", temperature: float = 1.0, teacher_name: str = "",
                  vocab_size: int | None = None, positions_per_shard: int = 100_000, chunk_size: int | None = None,
-                 progress: bool = False) -> Path:
+                 progress: bool = False, plan=None, pad_id: int = 0) -> Path:
     """Run `teacher` over the samples of `data` (an SFTData) and write the top-k cache to `output`.
 
     Samples go through in order, `batch_size` at a time, right-padded (causal attention: the
     padding after a sample cannot change its positions). vocab_size: softmax over the first
     vocab_size rows of the teacher's head only (the tokenizer's real tokens, so no padding row
     of the teacher can enter the top-k; the CLI passes len(tokenizer)). chunk_size: positions
-    per head matmul (default: ~256 MiB of logits and log-probs). Returns the folder."""
+    per head matmul (default: ~256 MiB of logits and log-probs). plan: an xkd.CrossPlan when the
+    teacher's tokenizer differs from the one `data` was prepared with (module docstring); then
+    vocab_size is the student's vocabulary and pad_id pads the teacher's rows. Returns the folder."""
     if dtype not in STORE_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(STORE_DTYPES)}, got {dtype!r}")
+    if plan is not None:
+        return _cache_mapped(teacher, data, Path(output), plan, top_k=top_k, batch_size=batch_size, dtype=dtype,
+                             temperature=temperature, teacher_name=teacher_name, vocab_size=vocab_size,
+                             positions_per_shard=positions_per_shard, progress=progress, pad_id=pad_id)
     V = min(teacher.head_weight.shape[0], vocab_size or teacher.head_weight.shape[0])
     if not 1 <= top_k <= V:
         raise ValueError(f"top_k must be in [1, {V}] (the teacher's vocab), got {top_k}")
@@ -184,6 +198,23 @@ class TeacherCache:
         a, b = offsets[i], offsets[i + 1]
         return (f.get_slice("ids")[a:b], f.get_slice("logprobs")[a:b].float(), f.get_slice("tail")[a:b].float())
 
+    def covered(self, sample_index: int) -> Tensor | None:
+        """(n,) bool: which labelled positions of the sample have a teacher target; None for a
+        cache made with the student's own tokenizer (every position has one)."""
+        if "mapped" not in self.meta:
+            return None
+        j = bisect.bisect_right(self._firsts, sample_index) - 1
+        f, offsets = self._shard(j)
+        i = sample_index - self._firsts[j]
+        return f.get_slice("covered")[offsets[i]: offsets[i + 1]].bool()
+
+    def gather_covered(self, sample_indices: list[int]) -> Tensor | None:
+        """`covered` of a batch's samples concatenated like `gather`; None for an unmapped cache."""
+        if "mapped" not in self.meta:
+            return None
+        parts = [self.covered(i) for i in sample_indices]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
+
     def gather(self, sample_indices: list[int]) -> tuple[Tensor, Tensor, Tensor]:
         """Targets of a batch: the lookups concatenated in the given order. For a batch built by
         `make_batches`, pass the sample indices row by row, and within a packed row in packing
@@ -193,3 +224,91 @@ class TeacherCache:
             k = self.top_k
             return torch.zeros(0, k, dtype=torch.int32), torch.zeros(0, k), torch.zeros(0)
         return tuple(torch.cat(x) for x in zip(*parts))
+
+
+def _write_shard(out: Path, index: int, parts: dict[str, list], counts: list[int], top_k: int, store) -> dict:
+    name = f"shard-{index:05d}.safetensors"
+    tensors = {"ids": torch.cat(parts["ids"]) if parts["ids"] else torch.zeros(0, top_k, dtype=torch.int32),
+               "logprobs": torch.cat(parts["logprobs"]) if parts["logprobs"] else torch.zeros(0, top_k, dtype=store),
+               "tail": torch.cat(parts["tail"]) if parts["tail"] else torch.zeros(0),
+               "covered": torch.cat(parts["covered"]) if parts["covered"] else torch.zeros(0, dtype=torch.uint8),
+               "offsets": torch.from_numpy(np.concatenate([[0], np.cumsum(np.asarray(counts, dtype=np.int64))]))}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / name))
+    return {"file": name, "num_samples": len(counts), "num_positions": int(sum(counts))}
+
+
+@torch.no_grad()
+def _cache_mapped(teacher, data, out: Path, plan, *, top_k, batch_size, dtype, temperature, teacher_name,
+                  vocab_size, positions_per_shard, progress, pad_id) -> Path:
+    """`cache_logits` across tokenizers: the mapped top-k on student positions (module docstring)."""
+    from .xkd import mapped_distribution
+
+    Vs = vocab_size or int(plan.vocab_map.max()) + 1
+    if not 1 <= top_k <= Vs:
+        raise ValueError(f"top_k must be in [1, {Vs}] (the student's vocab), got {top_k}")
+    if teacher.head_weight.shape[0] < plan.teacher_vocab:
+        raise ValueError(f"teacher head has {teacher.head_weight.shape[0]} rows < its tokenizer's "
+                         f"{plan.teacher_vocab} ids: is this the checkpoint of that tokenizer?")
+    out.mkdir(parents=True, exist_ok=True)
+    device = teacher.head_weight.device
+    head = teacher.head_weight[: plan.teacher_vocab]
+    maps = plan.maps(Vs, device)
+    store = STORE_DTYPES[dtype]
+    # A placeholder for positions without a target: finite, ignored through `covered`.
+    filler = (torch.arange(top_k, dtype=torch.int32), torch.full((top_k,), -math.log(top_k)), float("-inf"))
+    shards: list[dict] = []
+    parts: dict[str, list] = {"ids": [], "logprobs": [], "tail": [], "covered": []}
+    counts: list[int] = []
+    first, pending, hit, total = 0, 0, 0, 0
+    steps = range(0, len(data.samples), batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        steps = tqdm(steps, desc="teacher", unit="batch")
+    for b in steps:
+        order = list(range(b, min(b + batch_size, len(data.samples))))
+        t_ids, _ = plan.teacher_rows(order, pad_id)
+        hidden = teacher(t_ids.to(device), return_hidden=True)  # (B, T', H)
+        for r, i in enumerate(order):
+            tgt = torch.as_tensor(plan.strict[i])  # (n,) teacher position per student labelled position
+            n = len(tgt)
+            ids = filler[0].repeat(n, 1)
+            lq = filler[1].repeat(n, 1)
+            tail = torch.full((n,), filler[2])
+            covered = torch.zeros(n, dtype=torch.uint8)
+            k = (tgt >= 0).nonzero().squeeze(1)
+            if len(k):
+                logits = hidden[r, tgt[k].to(device)].to(head.dtype) @ head.t()  # (m, Vt)
+                ids_of = None if plan.map_ids is None else plan.map_ids[i][k.numpy()]
+                qs, mass = mapped_distribution(logits, maps, temperature, ids_of)  # (m, Vs)
+                lqs = qs.log_()
+                top, tid = lqs.topk(top_k, dim=-1)
+                top = top.clamp_min(-1e4)  # ids without mapped mass: log 0 -> finite, so 0 * (log q - log p) = 0
+                rest = torch.logsumexp(lqs.scatter_(1, tid, float("-inf")), dim=-1)
+                ok = (mass > 0).cpu()
+                ids[k[ok]] = tid.to(torch.int32).cpu()[ok]
+                lq[k[ok]] = top.float().cpu()[ok]
+                tail[k[ok]] = rest.float().cpu()[ok]
+                covered[k[ok]] = 1
+            parts["ids"].append(ids)
+            parts["logprobs"].append(lq.to(store))
+            parts["tail"].append(tail)
+            parts["covered"].append(covered)
+            counts.append(n)
+            hit, total, pending = hit + int(covered.sum()), total + n, pending + n
+            if pending >= positions_per_shard:
+                shards.append(dict(_write_shard(out, len(shards), parts, counts, top_k, store), first_sample=first))
+                first += len(counts)
+                counts, pending = [], 0
+                for v in parts.values():
+                    v.clear()
+    if counts or not shards:
+        shards.append(dict(_write_shard(out, len(shards), parts, counts, top_k, store), first_sample=first))
+    meta = {"teacher": teacher_name, "top_k": top_k, "temperature": temperature, "dtype": dtype, "vocab_size": Vs,
+            "num_samples": len(data.samples), "fingerprint": samples_fingerprint(data), "shards": shards,
+            "mapped": {"teacher_vocab": plan.teacher_vocab, "coverage": hit / max(total, 1),
+                       "mapped_teacher_ids": int((plan.vocab_map >= 0).sum())}}
+    tmp = out / "meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, out / "meta.json")
+    return out

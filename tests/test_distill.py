@@ -71,3 +71,28 @@ def test_bad_input_raises_in_main_and_exits_2_from_the_command(setup, tmp_path):
                        timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
     assert str(tmp_path / "nope") in r.stderr
+
+
+def test_cache_logits_with_a_student_tokenizer_of_another_family(setup, tmp_path, monkeypatch, capsys):
+    """--tokenizer naming a student whose tokenizer differs: the teacher reads its own rendering and the
+    cache holds its distributions mapped onto the student's ids, flagged where there is no target."""
+    from model_fixtures import write_tiny_model
+    from tok_fixtures import write_tokenizer
+
+    root, student, data = setup  # the demo model (ChatML, byte-level BPE) is the student here
+    monkeypatch.setenv("MINIDISTILL_CACHE", str(tmp_path / "mdcache"))
+    teacher = write_tiny_model(write_tokenizer("llama-3.2", tmp_path / "llama"), hidden=32)
+    out = tmp_path / "mapped"
+    main(["cache-logits", "--teacher", str(teacher), "--tokenizer", str(student), "--data", str(data), "--top-k",
+          "4", "--output", str(out), "--device", "cpu", "--max-seq-len", "96", "--limit", "5"])
+    printed = capsys.readouterr().out
+    meta = json.loads((out / "meta.json").read_text())
+    tok = load_tokenizer(student)
+    prepared = prepare_data(str(data), tok, DataConfig(max_seq_len=96, limit=5), log=lambda *a: None)
+    cache = TeacherCache(out)
+    cache.check(prepared)  # made on the student's samples: `train --teacher-cache` reads it as it is
+    assert meta["vocab_size"] == len(tok) and 0.2 < meta["mapped"]["coverage"] < 1.0
+    assert "cross-tokenizer KD: 5 samples, 0 not found" in printed and "mapped onto the student's vocabulary" in printed
+    ids, _, _ = cache.lookup(0)
+    cov = cache.covered(0)
+    assert 0 < int(cov.sum()) < len(cov) and int(ids.max()) < len(tok)

@@ -294,3 +294,27 @@ def test_bf16_kd_close_to_fp32_reference():
     assert a.grad.dtype == torch.bfloat16
     torch.testing.assert_close(got.loss, want.loss, rtol=2e-2, atol=1e-3)
     torch.testing.assert_close(a.grad.float(), b.grad, rtol=5e-2, atol=2e-3)
+
+
+def test_kd_from_topk_row_mask_drops_rows_exactly():
+    """row_mask (cross-tokenizer caches): masked rows add no loss and no gradient; the others give
+    what they give alone, with the same denominator."""
+    hs, ws, ht, wt, labels = make_inputs(Vs=40, Vt=40)
+    mask = labels.reshape(-1) != -100
+    n = int(mask.sum())
+    ids, lq, tail = topk_targets((ht @ wt.t()).reshape(-1, 40)[mask], 6)
+    keep = torch.arange(n) % 3 != 0
+    a = hs.clone().requires_grad_()
+    got = kd_from_topk(a, ws, labels, ids, lq, tail, num_items=n, chunk_size=4, row_mask=keep)
+    got.loss.backward()
+    pos = mask.nonzero().squeeze(1)
+    sub = torch.full_like(labels.reshape(-1), -100)
+    sub[pos[keep]] = 1  # only the kept positions labelled
+    b = hs.clone().requires_grad_()
+    want = kd_from_topk(b, ws, sub.reshape(labels.shape), ids[keep], lq[keep], tail[keep], num_items=n)
+    want.loss.backward()
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
+    assert got.num_tokens == n and a.grad.reshape(-1, a.shape[-1])[pos[~keep]].abs().max() == 0
+    with pytest.raises(ValueError, match=rf"row_mask must be \(N,\) = \({n},\)"):
+        kd_from_topk(hs, ws, labels, ids, lq, tail, row_mask=keep[1:])

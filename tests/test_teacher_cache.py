@@ -122,3 +122,42 @@ def test_bad_input_raises(models, tmp_path):
     cache = TeacherCache(cache_logits(teacher, tiny_data(n=2), tmp_path / "c", top_k=2))
     with pytest.raises(IndexError, match="not in this cache of 2 samples"):
         cache.lookup(2)
+
+
+def test_mapped_cache_marks_positions_without_target(tmp_path):
+    """A cross-tokenizer cache (plan given): the mapped top-k per student position, placeholders
+    flagged by `covered`, meta "mapped"; checked against the plan and the teacher computed apart."""
+    from minidistill.xkd import CrossPlan, map_index, mapped_distribution
+
+    write_checkpoint(tmp_path / "t", "qwen2", seed=1)
+    teacher = md.load_model(tmp_path / "t", dtype=torch.float32)
+    data = tiny_data(n=3)
+    g = np.random.default_rng(0)
+    Vt = teacher.head_weight.shape[0]
+    vm = g.integers(0, 50, Vt)
+    vm[::7] = -1
+    t_ids, strict = [], []
+    for s in data.samples:
+        n = int((np.asarray(s.labels) != -100).sum())
+        t_ids.append(g.integers(3, 90, n + 4))
+        st = np.arange(1, n + 1)
+        st[::2] = -1  # every other student position without a teacher partner
+        strict.append(st)
+    plan = CrossPlan(t_ids, strict, [x.copy() for x in strict], vm, Vt)
+    out = cache_logits(teacher, data, tmp_path / "cache", top_k=50, dtype="fp32", vocab_size=50, plan=plan,
+                       positions_per_shard=4)
+    cache = TeacherCache(out)
+    assert cache.meta["vocab_size"] == 50 and cache.meta["mapped"]["coverage"] == pytest.approx(plan.coverage())
+    index = map_index(vm, 50)
+    for i in range(3):
+        ids, lp, _ = cache.lookup(i)
+        cov = cache.covered(i)
+        assert cov.tolist() == (strict[i] >= 0).tolist()
+        with torch.no_grad():
+            h = teacher(torch.as_tensor(t_ids[i])[None], return_hidden=True)[0]
+        qs, _ = mapped_distribution(h[torch.as_tensor(strict[i][strict[i] >= 0])] @ teacher.head_weight.t(), index)
+        got = torch.full((int(cov.sum()), 50), 0.0).scatter_(1, ids[cov].long(), lp[cov].exp())
+        torch.testing.assert_close(got, qs, rtol=1e-4, atol=1e-6)  # k = the student vocab: the whole mapped q_s
+    assert torch.equal(cache.gather_covered([2, 0]), torch.cat([cache.covered(2), cache.covered(0)]))
+    plain = TeacherCache(cache_logits(teacher, data, tmp_path / "plain", top_k=4))
+    assert plain.covered(0) is None and plain.gather_covered([0, 1]) is None
