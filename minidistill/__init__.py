@@ -15,6 +15,10 @@ from .samples import DataConfig, SFTData, prepare_data, split_eval
 from .batches import Batch, make_batches
 from .loss import LossOutput, chunked_cross_entropy, shift_labels
 from .kd import KDOutput, chunked_kd_loss, kd_from_topk
+from .align import align_conversation
+from .vocab_map import build_vocab_map
+from .xkd import mapped_kd_loss, uld_loss
+from .rope import parse_rope_scaling
 from .quant import NF4Linear, NF4State, dequantize_nf4, quantize_nf4
 from .new_tokens import add_tokens
 from .lora import LoraConfig, LoRALinear, apply_lora, merge_lora
@@ -22,6 +26,8 @@ from .adapter import load_adapter, save_adapter
 from .export import save_model
 from .teacher_cache import TeacherCache, cache_logits
 from .sampling import generate, generate_batch
+from .rollout import RolloutBatch, Rollouts, rollout, rollout_batch  # binds md.rollout to the function
+from .onpolicy import OnPolicyOutput, on_policy_kd_loss
 from .answers import score_answer
 from .train_config import TrainConfig
 from .trainer import train
@@ -34,5 +40,7 @@ __all__ = [
     "LossOutput", "chunked_cross_entropy", "shift_labels", "KDOutput", "chunked_kd_loss", "kd_from_topk",
     "NF4Linear", "NF4State", "dequantize_nf4", "quantize_nf4", "add_tokens", "LoraConfig", "LoRALinear",
     "apply_lora", "merge_lora", "load_adapter", "save_adapter", "save_model", "TeacherCache", "cache_logits",
-    "generate", "generate_batch", "score_answer", "TrainConfig", "train",
+    "generate", "generate_batch", "score_answer", "TrainConfig", "train", "align_conversation", "build_vocab_map",
+    "mapped_kd_loss", "uld_loss", "parse_rope_scaling", "RolloutBatch", "Rollouts", "rollout", "rollout_batch",
+    "OnPolicyOutput", "on_policy_kd_loss",
 ]

@@ -9,7 +9,9 @@ attention stays within a sample, skips padding, and never reads a length back fr
 from __future__ import annotations
 
 import bisect
+import threading
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -184,3 +186,56 @@ def _collate(samples: list[Sample], rows: list[list[int]], seq_len: int | None, 
     return Batch(torch.from_numpy(ids), torch.from_numpy(labels), None if w is None else torch.from_numpy(w),
                  torch.from_numpy(pos), torch.from_numpy(doc) if packed else None, len(label_index),
                  sum(map(sum, lengths)), sample_rows, doc_layout(lengths, T), torch.from_numpy(label_index))
+
+
+class BatchStream:
+    """This rank's endless stream of micro-batches. The position lives in the LoopState (epoch,
+    index), so a checkpoint that saves the state saves the position. With `ahead` (training on
+    a GPU) a background thread collates the next step's micro-batches while a step trains,
+    pinned for non-blocking copies; what it returns depends only on the position, so results
+    are the same with or without it. `cfg` is the run's TrainConfig (batch size, packing, seed, ...);
+    `state` in `take` its LoopState."""
+
+    def __init__(self, data, cfg, rank: int, world: int, pad_id: int, *, ahead: bool = False):
+        self.data, self.cfg, self.rank, self.world, self.pad_id = data, cfg, rank, world, pad_id
+        self.pin = ahead and torch.cuda.is_available()
+        self._epoch, self._batches = None, None
+        # Only where compute is elsewhere (a GPU): on the CPU the thread would take cores from the step.
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="collate") if ahead else None
+        self._ahead: tuple[tuple[int, int, int], Future] | None = None
+        self._lock = threading.Lock()  # epoch_batches is shared by the thread and the loop
+
+    def epoch_batches(self, epoch: int):
+        with self._lock:
+            if epoch != self._epoch:
+                c = self.cfg
+                self._batches = make_batches(self.data, c.batch_size, c.data_config.max_seq_len, packing=c.packing,
+                                             shuffle=True, seed=c.seed, epoch=epoch, rank=self.rank,
+                                             world_size=self.world, pad_id=self.pad_id, pad_to_multiple=c.pad_to_multiple)
+                self._epoch = epoch
+            return self._batches
+
+    def _collate(self, epoch: int, index: int, n: int) -> tuple[list, int, int]:
+        out = []
+        for _ in range(n):
+            if index >= len(self.epoch_batches(epoch)):
+                epoch, index = epoch + 1, 0
+            b = self.epoch_batches(epoch)[index]
+            out.append(b.pin() if self.pin else b)
+            index += 1
+        return out, epoch, index
+
+    def take(self, state, n: int) -> list:
+        """The next n micro-batches, advancing state.epoch / state.index."""
+        key = (state.epoch, state.index, n)
+        if self._ahead is not None and self._ahead[0] == key:
+            batches, state.epoch, state.index = self._ahead[1].result()
+        else:
+            batches, state.epoch, state.index = self._collate(*key)
+        if self._pool is not None:
+            self._ahead = ((state.epoch, state.index, n), self._pool.submit(self._collate, state.epoch, state.index, n))
+        return batches
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)

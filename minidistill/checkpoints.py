@@ -46,6 +46,11 @@ class LoopState:
     best_eval_loss: float | None = None
     last_eval_loss: float | None = None
     data: dict | None = None  # what the run trains on: {"fingerprint", "records", "format", "steps_per_epoch"}
+    on_policy_batches: int = 0  # --on-policy: rollout micro-batches taken (the position in the prompts)
+    rollouts: int = 0  # ... rollouts sampled, on all processes, and those that ended with a stop token
+    rollouts_finished: int = 0
+    kd_covered: int = 0  # with a teacher: trained tokens (of this process) that had a KD target, of kd_trained
+    kd_trained: int = 0
 
 
 def checkpoint_dirs(out: str | Path) -> list[Path]:

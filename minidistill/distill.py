@@ -61,7 +61,7 @@ def cache_logits_command(args: argparse.Namespace) -> None:
     plan, pad = None, 0
     if args.tokenizer:
         t_tok = load_tokenizer(args.teacher)
-        if not same_tokenizer(tok, t_tok, data.samples):
+        if not same_tokenizer(tok, t_tok, [s.ids for s in data.samples[:3]]):
             plan = cross_plan(args.data, data_cfg, tok, t_tok, data, print)
             pad = t_tok.pad_id if t_tok.pad_id is not None else (t_tok.eos_id or 0)
     teacher = load_model(args.teacher, dtype=inference_dtype(args.dtype, args.device), device=args.device).eval()

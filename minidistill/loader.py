@@ -190,4 +190,6 @@ def load_for_inference(model_name: str, adapter: str | None = None, dtype: str =
     model = load_model(model_name, dtype=inference_dtype(dtype, device), device=device, rope_scaling=rope_scaling)
     if adapter:
         load_adapter(model, adapter)
-    return model.eval(), load_tokenizer(model_name)  # eval after the swap: LoRA dropout stays off
+    # An adapter trained with --add-tokens carries the tokenizer that knows them.
+    tok_from = adapter if adapter and (Path(adapter) / "tokenizer.json").is_file() else model_name
+    return model.eval(), load_tokenizer(tok_from)  # eval after the swap: LoRA dropout stays off

@@ -127,6 +127,20 @@ def write_samples(path: Path, prompts: list[str], before: list[str], after: list
     path.write_text("\n".join(parts), encoding="utf-8")
 
 
+def report_samples(out: Path, prompts: list[str], after: list[str]) -> None:
+    """samples.md from the answers before training (samples_before.json, written at the start)
+    and `after`; the first pair is printed."""
+    from .run_folder import writing
+
+    before_file = out / "samples_before.json"
+    before = json.loads(before_file.read_text()) if before_file.exists() else ["(not recorded)"] * len(after)
+    with writing("the sample answers", out / "samples.md"):
+        write_samples(out / "samples.md", prompts, before, after)
+    if prompts:
+        print(f"\nsample: {prompts[0]}\n--- before training:\n{shown(before[0])}\n"
+              f"--- after training:\n{shown(after[0])}")
+
+
 def print_summary(summary: dict, out: Path, merged: bool) -> None:
     def fmt(v):
         return "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
@@ -138,3 +152,12 @@ def print_summary(summary: dict, out: Path, merged: bool) -> None:
           f"  samples      {out / 'samples.md'}\n  checkpoints  {out / 'checkpoints'}")
     if merged:
         print(f"  merged model {out / 'merged'}")
+    if summary.get("kd_coverage") is not None:
+        print(f"  kd coverage  {100 * summary['kd_coverage']:.1f}% of trained tokens had a teacher target "
+              "(the rest trained on CE only)")
+    share = summary.get("rollouts_finished")
+    if share is not None:
+        print(f"  rollouts     {summary['rollouts']:,}, {100 * share:.1f}% ended with a stop token")
+        if share < 0.5:
+            print(f"warning: only {100 * share:.1f}% of the rollouts finished (the rest hit --rollout-tokens): raise "
+                  "--rollout-tokens, or the student is learning not to stop (check its samples)")

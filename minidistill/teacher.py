@@ -23,12 +23,13 @@ from .tokenizer import load_tokenizer
 from .xkd import XKINDS, CrossPlan, mapped_kd_loss, uld_loss
 
 
-def same_tokenizer(student_tok, teacher_tok, samples) -> bool:
-    """Whether the two tokenizers have one vocabulary and tokenize the first samples' text alike."""
+def same_tokenizer(student_tok, teacher_tok, id_seqs) -> bool:
+    """Whether the two tokenizers have one vocabulary and tokenize the text of the first student
+    id sequences (samples' or prompts' ids) alike."""
     if student_tok.backend.get_vocab(with_added_tokens=True) != teacher_tok.backend.get_vocab(with_added_tokens=True):
         return False
-    for s in samples[:3]:
-        text = student_tok.decode(s.ids)
+    for ids in id_seqs[:3]:
+        text = student_tok.decode(ids)
         if teacher_tok.encode(text) != student_tok.encode(text):
             return False
     return True
@@ -137,7 +138,7 @@ def make_kd(cfg, tok, data, device, dtype, log) -> Callable | None:
     if not d.teacher:
         return None
     t_tok = load_tokenizer(d.teacher)
-    if not same_tokenizer(tok, t_tok, data.samples):
+    if not same_tokenizer(tok, t_tok, [s.ids for s in data.samples[:3]]):
         return _cross_kd(cfg, tok, t_tok, data, device, dtype, log)
     teacher = load_model(d.teacher, dtype=dtype, device=device, quantize=d.teacher_quantize).requires_grad_(False)
     log(f"teacher {d.teacher}: {teacher.num_parameters():,} parameters, frozen")

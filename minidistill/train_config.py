@@ -14,6 +14,7 @@ import torch
 
 from .cli import flag_field, flag_values, flags_of_dict, nested
 from .lora import LoraConfig
+from .rope import parse_rope_scaling
 from .samples import DataConfig
 
 
@@ -21,12 +22,25 @@ from .samples import DataConfig
 class DistillConfig:
     """Logit distillation: online from a teacher model, or offline from a top-k cache."""
 
-    teacher: str | None = flag_field(None, "online logit distillation from this model (same tokenizer as --model)")
+    teacher: str | None = flag_field(None, "online logit distillation from this model (another tokenizer: cross-tokenizer KD on aligned positions)")
     teacher_quantize: str | None = flag_field(None, "load the teacher in 4-bit", choices=[None, "nf4"])
     teacher_cache: str | None = flag_field(None, "offline distillation from a top-k logit cache (python -m minidistill.distill cache-logits)")
     kd_weight: float = flag_field(0.5, "loss = (1 - w) * CE + w * KD, with a teacher or teacher cache")
     kd_temperature: float = flag_field(1.0, "softmax temperature of the KD term (loss scaled by T^2)")
-    kd_loss: str = flag_field("forward", "divergence: forward KL(teacher||student), reverse KL, or JSD", choices=["forward", "reverse", "jsd"])
+    kd_loss: str = flag_field("forward", "divergence: forward KL(teacher||student), reverse KL, or JSD; with another tokenizer: forward, or uld (forward + sorted-probability ULD where no mapped target)", choices=["forward", "reverse", "jsd", "uld"])
+
+
+@dataclass
+class OnPolicyConfig:
+    """On-policy distillation: the student samples completions of the --data prompts, --teacher
+    scores each sampled token, the loss is the per-token reverse KL (see onpolicy.py)."""
+
+    enabled: bool = flag_field(False, "on-policy distillation from --teacher (records may be prompt-only)", flag="--on-policy")
+    rollout_tokens: int = flag_field(256, "new tokens per rollout; a rollout cut there is trained up to the cut")
+    rollout_temperature: float = flag_field(1.0, "sampling temperature of the rollouts (0 = greedy)")
+    samples_per_prompt: int = flag_field(1, "rollouts per prompt (an on-policy micro-batch is --batch-size prompts)")
+    on_policy_mix: float = flag_field(1.0, "share of micro-batches that are on-policy; the rest are SFT batches of --data (0 = plain SFT)")
+    on_policy_estimator: str = flag_field("full", "reverse KL: exact over the vocabulary, or the sampled-token estimator", choices=["full", "sampled"])
 
 
 @dataclass
@@ -46,6 +60,8 @@ class TrainConfig:
     weight_decay: float = flag_field(0.0, "AdamW weight decay")
     max_grad_norm: float = flag_field(1.0, "gradient clipping norm (0 = off)")
     quantize: str | None = flag_field(None, "4-bit base weights (QLoRA)", choices=[None, "nf4"])
+    add_tokens: tuple[str, ...] = flag_field((), "tokens added to the vocabulary, comma-separated (e.g. '<think>,</think>'): one id each, their embedding (and untied head) rows trained")
+    rope_scaling: str | None = flag_field(None, "extend the context with RoPE scaling: linear:F, dynamic:F or yarn:F[:ORIGINAL_CONTEXT] (written into the merged config.json, noted in the adapter README)")
     dtype: str = flag_field("auto", "compute dtype; auto = bf16 (fp16 if unsupported) on GPU, fp32 on CPU", choices=["auto", "bf16", "fp16", "fp32"])
     device: str = flag_field("auto", "cuda, cuda:N, cpu; auto = cuda when available")
     grad_checkpointing: bool = flag_field(True, "recompute each block in backward to save memory")
@@ -71,6 +87,7 @@ class TrainConfig:
     data_config: DataConfig = nested(DataConfig)  # how records become samples: --format, --max-seq-len, ...
     lora: LoraConfig = nested(LoraConfig)  # --lora-r, --lora-alpha, --lora-dropout, --lora-targets, --use-rslora
     distill: DistillConfig = nested(DistillConfig)  # --teacher, --teacher-cache, --kd-*
+    on_policy: OnPolicyConfig = nested(OnPolicyConfig)  # --on-policy, --rollout-*, --samples-per-prompt, --on-policy-*
 
 
 def check_config(cfg: TrainConfig) -> list[str]:
@@ -121,8 +138,38 @@ def check_config(cfg: TrainConfig) -> list[str]:
             out.append(f"{flag} must be >= 0, got {value}")
     if cfg.loss_chunk_mb <= 0:
         out.append(f"--loss-chunk-mb must be > 0, got {cfg.loss_chunk_mb}")
+    if cfg.rope_scaling:
+        try:
+            parse_rope_scaling(cfg.rope_scaling)
+        except ValueError as e:
+            out.append(str(e))
+    if d.kd_loss == "uld" and not d.teacher:
+        out.append("--kd-loss uld is for a --teacher with another tokenizer")
     if cfg.distill.kd_temperature <= 0:
         out.append(f"--kd-temperature must be > 0, got {cfg.distill.kd_temperature}")
+    return out + _check_on_policy(cfg)
+
+
+def _check_on_policy(cfg: TrainConfig) -> list[str]:
+    o, out = cfg.on_policy, []
+    if not o.enabled:
+        return out
+    if not cfg.distill.teacher:
+        out.append("--on-policy needs --teacher (the model that scores the rollouts)")
+    if cfg.distill.teacher_cache:
+        out.append("--on-policy scores new rollouts online: use --teacher, not --teacher-cache")
+    if not 0 <= o.on_policy_mix <= 1:
+        out.append(f"--on-policy-mix must be in [0, 1], got {o.on_policy_mix}")
+    if o.rollout_tokens < 1 or o.samples_per_prompt < 1:
+        out.append(f"--rollout-tokens and --samples-per-prompt must be >= 1, got {o.rollout_tokens}, {o.samples_per_prompt}")
+    if o.rollout_temperature < 0 or (o.on_policy_estimator == "sampled" and o.rollout_temperature == 0):
+        out.append(f"--rollout-temperature must be >= 0 (> 0 for --on-policy-estimator sampled), got {o.rollout_temperature}")
+    if cfg.fsdp:
+        out.append("--on-policy samples on each process alone, which a sharded model cannot: drop --fsdp")
+    if cfg.eval_split:
+        out.append("--on-policy reads every prompt of --data: hold out with --eval-data (records with answers)")
+    if cfg.data_config.plain_text:
+        out.append("--on-policy renders prompts with the chat format: drop --template / --format text")
     return out
 
 

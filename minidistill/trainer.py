@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -27,71 +25,20 @@ from typing import Callable
 
 import torch
 
-from .batches import make_batches
+from .batches import BatchStream, make_batches
 from .checkpoints import (LoopState, check_same_data, checkpoint_to_resume, latest_checkpoint, load_checkpoint,
                           read_loop_state, save_checkpoint)
 from .distributed import (CtrlC, all_reduce, full_params, grad_sync, init_distributed, shard_blocks,
                           shutdown_distributed)
 from .errors import MinidistillError, TrainingInterrupted
 from .loss import chunked_cross_entropy
-from .metrics import MetricsLog, answer_prompts, print_summary, progress, sample_prompts, shown, write_samples
+from .metrics import MetricsLog, answer_prompts, print_summary, progress, report_samples, sample_prompts
+from .onpolicy import OnPolicy, RolloutBatch, finished_summary, on_policy_row, rollout_counts
 from .run_folder import RunLock, check_writable, prepare_output, writing
 from .samples import prepare_data, split_eval
 from .teacher import make_kd
 from .teacher_cache import samples_fingerprint
 from .train_config import TrainConfig, check_config, lr_at, note_changed_flags, resolve_precision
-
-
-class BatchStream:
-    """This rank's endless stream of micro-batches. The position lives in the LoopState (epoch,
-    index), so a checkpoint that saves the state saves the position. With `ahead` (training on
-    a GPU) a background thread collates the next step's micro-batches while a step trains,
-    pinned for non-blocking copies; what it returns depends only on the position, so results
-    are the same with or without it."""
-
-    def __init__(self, data, cfg: TrainConfig, rank: int, world: int, pad_id: int, *, ahead: bool = False):
-        self.data, self.cfg, self.rank, self.world, self.pad_id = data, cfg, rank, world, pad_id
-        self.pin = ahead and torch.cuda.is_available()
-        self._epoch, self._batches = None, None
-        # Only where compute is elsewhere (a GPU): on the CPU the thread would take cores from the step.
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="collate") if ahead else None
-        self._ahead: tuple[tuple[int, int, int], Future] | None = None
-        self._lock = threading.Lock()  # epoch_batches is shared by the thread and the loop
-
-    def epoch_batches(self, epoch: int):
-        with self._lock:
-            if epoch != self._epoch:
-                c = self.cfg
-                self._batches = make_batches(self.data, c.batch_size, c.data_config.max_seq_len, packing=c.packing,
-                                             shuffle=True, seed=c.seed, epoch=epoch, rank=self.rank,
-                                             world_size=self.world, pad_id=self.pad_id, pad_to_multiple=c.pad_to_multiple)
-                self._epoch = epoch
-            return self._batches
-
-    def _collate(self, epoch: int, index: int, n: int) -> tuple[list, int, int]:
-        out = []
-        for _ in range(n):
-            if index >= len(self.epoch_batches(epoch)):
-                epoch, index = epoch + 1, 0
-            b = self.epoch_batches(epoch)[index]
-            out.append(b.pin() if self.pin else b)
-            index += 1
-        return out, epoch, index
-
-    def take(self, state: LoopState, n: int) -> list:
-        """The next n micro-batches, advancing state.epoch / state.index."""
-        key = (state.epoch, state.index, n)
-        if self._ahead is not None and self._ahead[0] == key:
-            batches, state.epoch, state.index = self._ahead[1].result()
-        else:
-            batches, state.epoch, state.index = self._collate(*key)
-        if self._pool is not None:
-            self._ahead = ((state.epoch, state.index, n), self._pool.submit(self._collate, state.epoch, state.index, n))
-        return batches
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 @dataclass
@@ -121,6 +68,7 @@ class Run:
     metrics: MetricsLog
     state: LoopState
     t0: float
+    onpolicy: OnPolicy | None = None  # --on-policy: the teacher, the prompts, the rollout micro-batches
     stop: bool = False  # a Ctrl-C on any rank: save at this step boundary and stop
 
     @property
@@ -136,6 +84,7 @@ def setup(cfg: TrainConfig) -> Run:
     """Data, model + LoRA, sharding or wrapping, optimizer, then resume: in that order."""
     from .lora import apply_lora
     from .loader import load_model
+    from .new_tokens import add_tokens
     from .tokenizer import load_tokenizer
 
     rank, world = init_distributed()
@@ -150,7 +99,10 @@ def setup(cfg: TrainConfig) -> Run:
 
     # Data: tokenized once (cached on disk), verified, summarised.
     tok = load_tokenizer(cfg.model)
-    data = prepare_data(cfg.data, tok, cfg.data_config, log=log)
+    if cfg.add_tokens:  # before the data, which is tokenized with them
+        tok.add_tokens(list(cfg.add_tokens))
+    onp = OnPolicy(cfg, tok, device, dtype, rank, world, log) if cfg.on_policy.enabled else None
+    data = prepare_data(cfg.data, tok, cfg.data_config, log=log) if onp is None else onp.train_data(log)
     eval_data = None
     if cfg.eval_split:
         data, eval_data = split_eval(data, cfg.eval_split, seed=cfg.seed)
@@ -161,7 +113,7 @@ def setup(cfg: TrainConfig) -> Run:
         eval_data, cfg.batch_size, cfg.data_config.max_seq_len, packing=cfg.packing, shuffle=False, rank=rank,
         world_size=world, pad_id=pad_id, pad_to_multiple=cfg.pad_to_multiple)
     stream = BatchStream(data, cfg, rank, world, pad_id, ahead=device.type == "cuda")
-    n_micro = len(stream.epoch_batches(0))
+    n_micro = len(stream.epoch_batches(0)) if onp is None or onp.sft_needed else onp.micro_per_epoch
     per_epoch = n_micro // cfg.grad_accum
     if per_epoch == 0 and not cfg.max_steps:
         raise ValueError(f"{n_micro} micro-batches per epoch is fewer than --grad-accum {cfg.grad_accum}: "
@@ -174,7 +126,10 @@ def setup(cfg: TrainConfig) -> Run:
 
     # Model: frozen base (bf16 or NF4), LoRA weights in fp32. FSDP reads on the CPU and
     # sharding moves each block to the GPU in turn (for a model too big for one).
-    model = load_model(cfg.model, dtype=dtype, device="cpu" if cfg.fsdp else device, quantize=cfg.quantize)
+    model = load_model(cfg.model, dtype=dtype, device="cpu" if cfg.fsdp else device, quantize=cfg.quantize,
+                       rope_scaling=cfg.rope_scaling)
+    if cfg.add_tokens:  # a fresh tokenizer gives the new tokens the ids `tok` gave them
+        add_tokens(model, load_tokenizer(cfg.model), list(cfg.add_tokens))
     torch.manual_seed(cfg.seed)
     apply_lora(model, cfg.lora, verbose=rank == 0)
     model.gradient_checkpointing, model.checkpoint_every = cfg.grad_checkpointing, cfg.checkpoint_every
@@ -184,7 +139,7 @@ def setup(cfg: TrainConfig) -> Run:
     if world > 1 and not cfg.fsdp:
         forward_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    kd = make_kd(cfg, tok, data, device, dtype, log)
+    kd = make_kd(cfg, tok, data, device, dtype, log) if onp is None else None
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                             fused=device.type == "cuda" and not cfg.fsdp)
@@ -204,7 +159,7 @@ def setup(cfg: TrainConfig) -> Run:
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     run = Run(cfg=cfg, out=out, rank=rank, world=world, device=device, dtype=dtype, amp=amp, scaler=scaler, tok=tok,
               data=data, eval_batches=eval_batches, stream=stream, total_steps=total, steps_per_epoch=per_epoch,
-              model=model, forward_model=forward_model, params=params, opt=opt, kd=kd, prompts=prompts,
+              model=model, forward_model=forward_model, params=params, opt=opt, kd=kd, prompts=prompts, onpolicy=onp,
               metrics=MetricsLog(out, cfg.log, cfg, enabled=rank == 0, resume_step=state.step), state=state, t0=t0)
     if run.metrics.note:
         log(run.metrics.note)
@@ -226,8 +181,9 @@ def _answer(run: Run) -> list[str]:
 
 def forward_loss(run: Run, batch, num_items, *, distill: bool = True):
     """Loss of one micro-batch, normalised by the accumulated token count: masked chunked CE,
-    mixed with the distillation term when the run has one (and `distill`). Returns (loss to
-    backward, detached CE sum, detached KD sum or None)."""
+    mixed with the distillation term when the run has one (and `distill`); a RolloutBatch gets
+    the on-policy loss instead. Returns (loss to backward, detached CE sum, KDOutput or None,
+    OnPolicyOutput or None)."""
     cfg, device = run.cfg, run.device
     offload = (torch.autograd.graph.save_on_cpu(pin_memory=True)
                if cfg.activation_offload and device.type == "cuda" and torch.is_grad_enabled() else nullcontext())
@@ -236,14 +192,17 @@ def forward_loss(run: Run, batch, num_items, *, distill: bool = True):
         head = run.model.head_weight
         labels = batch.labels.to(device, non_blocking=True)
         positions = batch.label_index.to(device, non_blocking=True)  # the collator's: no nonzero here
+        if isinstance(batch, RolloutBatch):  # the teacher scores the student's own tokens
+            d = run.onpolicy.loss(hidden, head, labels, positions, batch, num_items)
+            return d.loss, 0.0, None, d
         weights = None if batch.weights is None else batch.weights.to(device, non_blocking=True)
         ce = chunked_cross_entropy(hidden, head, labels, weights=weights, num_items=num_items, positions=positions,
                                    chunk_budget_mb=cfg.loss_chunk_mb)
         if run.kd is None or not distill:
-            return ce.loss, ce.loss_sum, None
+            return ce.loss, ce.loss_sum, None, None
         d = run.kd(hidden, head, labels, positions, batch, num_items)
         w = cfg.distill.kd_weight
-        return (1 - w) * ce.loss + w * d.loss, ce.loss_sum, d.loss_sum
+        return (1 - w) * ce.loss + w * d.loss, ce.loss_sum, d, None
 
 
 def train_step(run: Run, micro: list, stop_requested: bool = False) -> dict | None:
@@ -259,22 +218,28 @@ def train_step(run: Run, micro: list, stop_requested: bool = False) -> dict | No
         g["lr"] = lr
     t_step = time.time()
     n_trained, n_input = sum(b.num_tokens for b in micro), sum(b.num_input_tokens for b in micro)
-    # Token counts over every process (the loss normaliser); on one process a plain number.
-    counts = all_reduce(torch.tensor([n_trained, n_input], dtype=torch.float64, device=device), world)
+    # Token counts over every process (the loss normaliser), and a step with rollouts counts them.
+    roll = rollout_counts(micro)
+    counts = all_reduce(torch.tensor([n_trained, n_input, *roll], dtype=torch.float64, device=device), world)
     num_items = counts[0] if world > 1 else float(n_trained)
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, CE, KD sums; stop flag
+    # loss, CE, KD sums; stop flag; with rollouts the reverse KL, student and teacher log-prob sums
+    sums = torch.zeros(4 + len(roll), dtype=torch.float64, device=device)
+    covered = 0  # trained tokens with a KD target (cross-tokenizer KD leaves some without)
     for i, b in enumerate(micro):
         sync = world == 1 or i == len(micro) - 1
         grad_sync(run.model, sync, cfg.fsdp)
         with nullcontext() if sync or cfg.fsdp else run.forward_model.no_sync():
-            loss, ce_sum, kd_sum = forward_loss(run, b, num_items)
+            loss, ce_sum, kd, onp = forward_loss(run, b, num_items)
             # DDP averages gradients over ranks; the loss is already normalised by the global
             # token count, so undo the average.
             (run.scaler.scale(loss * world) if run.scaler else loss * world).backward()
         sums[0] += loss.detach() * num_items
         sums[1] += ce_sum
-        if kd_sum is not None:
-            sums[2] += kd_sum
+        if kd is not None:
+            sums[2] += kd.loss_sum
+            covered += b.num_tokens if kd.num_covered is None else kd.num_covered  # host ints: no sync
+        if onp is not None:
+            sums[4:] += onp.stats
     if run.scaler:
         run.scaler.unscale_(run.opt)
     grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm or float("inf"))
@@ -283,9 +248,10 @@ def train_step(run: Run, micro: list, stop_requested: bool = False) -> dict | No
     sums[3] = float(stop_requested)
     all_reduce(sums, world)  # every rank learns of a Ctrl-C on any rank and stops at the same step
     # The one host sync of the step.
-    loss_sum, ce_sum, kd_sum, stop, norm, n_trained, n_input = torch.cat(
-        [sums, grad_norm.detach().reshape(1).to(sums), counts]).tolist()
+    loss_sum, ce_sum, kd_sum, stop, norm, n_trained, n_input, *extra = torch.cat(
+        [sums[:4], grad_norm.detach().reshape(1).to(sums), counts[:2], sums[4:], counts[2:]]).tolist()
     run.stop = stop > 0
+    onp_row = on_policy_row(extra, micro, state) if extra else {}
     step_loss, ce_loss, kd_loss = (x / max(n_trained, 1) for x in (loss_sum, ce_sum, kd_sum))
     if not (math.isfinite(step_loss) and math.isfinite(norm)):
         run.opt.zero_grad(set_to_none=True)
@@ -307,9 +273,12 @@ def train_step(run: Run, micro: list, stop_requested: bool = False) -> dict | No
     run.opt.zero_grad(set_to_none=True)
     state.step += 1
     row = {"step": state.step, "loss": step_loss, "lr": lr, "grad_norm": norm, "tokens": int(n_trained),
-           "tokens_per_s": n_input / (time.time() - t_step), "elapsed_s": time.time() - run.t0}
+           "tokens_per_s": n_input / (time.time() - t_step), "elapsed_s": time.time() - run.t0, **onp_row}
     if run.kd is not None:
-        row.update(ce_loss=ce_loss, kd_loss=kd_loss)
+        local = sum(b.num_tokens for b in micro)  # this process's share, as `covered` is
+        row.update(ce_loss=ce_loss, kd_loss=kd_loss, kd_coverage=covered / max(local, 1))
+        state.kd_covered += covered
+        state.kd_trained += local
     if state.step % cfg.log_every == 0 or state.step == run.total_steps:
         run.metrics.write(row)
     return row
@@ -364,20 +333,18 @@ def finish(run: Run, last_row: dict | None) -> dict:
     cfg, out, s = run.cfg, run.out, run.state
     summary = {"steps": s.step, "skipped_steps": s.skipped_steps, "time_s": round(time.time() - run.t0, 1),
                "final_loss": last_row["loss"] if last_row else None,
-               "final_eval_loss": s.last_eval_loss, "best_eval_loss": s.best_eval_loss}
+               "final_eval_loss": s.last_eval_loss, "best_eval_loss": s.best_eval_loss, **finished_summary(s)}
+    if s.kd_trained:
+        summary["kd_coverage"] = round(s.kd_covered / s.kd_trained, 4)
     with full_params(run.model, cfg.fsdp):
         if run.main:
             with writing("the adapter", out / "adapter", cleanup=out / "adapter"):
                 save_adapter(run.model, out / "adapter")
+                if cfg.add_tokens:  # the adapter's token rows need the ids of this tokenizer
+                    run.tok.save(out / "adapter")
     after = _answer(run)
     if run.main:
-        before_file = out / "samples_before.json"
-        before = json.loads(before_file.read_text()) if before_file.exists() else ["(not recorded)"] * len(after)
-        with writing("the sample answers", out / "samples.md"):
-            write_samples(out / "samples.md", run.prompts, before, after)
-        if run.prompts:
-            print(f"\nsample: {run.prompts[0]}\n--- before training:\n{shown(before[0])}\n"
-                  f"--- after training:\n{shown(after[0])}")
+        report_samples(out, run.prompts, after)
         if cfg.merge:
             merge_lora(run.model)
             with writing("the merged model", out / "merged", cleanup=out / "merged"):
@@ -433,7 +400,8 @@ def _loop(run: Run) -> dict | None:
     row = None
     with CtrlC() as ctrl_c:
         while run.state.step < run.total_steps:
-            micro = run.stream.take(run.state, cfg.grad_accum)
+            micro = (run.stream.take(run.state, cfg.grad_accum) if run.onpolicy is None else
+                     run.onpolicy.take(run.model, run.state, run.stream, cfg.grad_accum, run.amp))
             step_row = train_step(run, micro, stop_requested=ctrl_c.requested)
             if step_row is not None:
                 row = step_row

@@ -149,6 +149,29 @@ def test_ddp_two_processes_match_one(setup):
     assert [r["grad_norm"] for r in ra] == pytest.approx([r["grad_norm"] for r in rb], rel=1e-5)
 
 
+def test_on_policy_ddp_two_processes_match_one(setup):
+    # Each rollout's seed comes from its place in the prompt stream: two processes sample what one does.
+    root, model, data = setup
+    teacher = build_demo_model(root / "teacher", hidden=64, layers=2, init_seed=7)
+    one, two = root / "onp-one", root / "onp-two"
+    extra = ["--teacher", str(teacher), "--on-policy", "--rollout-tokens", "8", "--rollout-temperature", "2.0",
+             "--lora-dropout", "0.0", "--batch-size", "1"]
+    subprocess.run([sys.executable, "-m", "minidistill.train", *common(model, data, one, steps=3), *extra],
+                   check=True, env=env(root), capture_output=True, timeout=300)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "minidistill.train",
+                        *common(model, data, two, steps=3), *extra, "--grad-accum", "1"], env=env(root),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a = load_file(one / "adapter" / "adapter_model.safetensors")
+    b = load_file(two / "adapter" / "adapter_model.safetensors")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5), k
+    ra = [json.loads(l) for l in (one / "metrics.jsonl").read_text().splitlines()]
+    rb = [json.loads(l) for l in (two / "metrics.jsonl").read_text().splitlines()]
+    assert [r["rollout_len_mean"] for r in ra] == [r["rollout_len_mean"] for r in rb]
+    assert [r["reverse_kl"] for r in ra] == pytest.approx([r["reverse_kl"] for r in rb], rel=1e-5)
+
+
 def test_fsdp_two_processes_match_one_and_resume(setup):
     root, model, data = setup
     one, two = root / "fsdp-one", root / "fsdp-two"
@@ -214,7 +237,8 @@ def test_help_lists_every_flag(capsys):
         main(["--help"])
     text = capsys.readouterr().out
     for flag in ("--model", "--data", "--lora-targets", "--resume", "--grad-checkpointing", "--no-grad-checkpointing",
-                 "--eval-split", "--keep-last", "--merge", "--log", "--quantize"):
+                 "--eval-split", "--keep-last", "--merge", "--log", "--quantize", "--on-policy", "--rollout-tokens",
+                 "--rollout-temperature", "--samples-per-prompt", "--on-policy-mix", "--on-policy-estimator"):
         assert flag in text
 
 
@@ -242,12 +266,14 @@ def test_distillation_lowers_kd_loss(setup, mode):
     assert last < 0.8 * first, (first, last)
 
 
-def test_teacher_with_another_tokenizer_is_refused(setup, tmp_path):
+def test_on_policy_teacher_with_another_tokenizer_is_refused(setup, tmp_path):
+    # (Online KD across tokenizers is cross-tokenizer KD's, tested with it; on-policy needs one tokenizer.)
     root, model, data = setup
     other = build_demo_model(tmp_path / "other", seed=5, hidden=64, layers=2)  # tokenizer trained on other data
     r = subprocess.run([sys.executable, "-m", "minidistill.train", *common(model, data, tmp_path / "o"),
-                        "--teacher", str(other)], env=env(root), capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0 and "tokenize differently" in r.stderr
+                        "--teacher", str(other), "--on-policy"], env=env(root), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and "tokenize differently; on-policy distillation needs a shared tokenizer" in r.stderr
 
 
 def test_flags_parse_to_config_types():

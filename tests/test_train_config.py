@@ -12,6 +12,7 @@ from minidistill.lora import LoraConfig
 from minidistill.samples import DataConfig
 from minidistill.train_config import (
     DistillConfig,
+    OnPolicyConfig,
     TrainConfig,
     check_config,
     lr_at,
@@ -90,6 +91,46 @@ def test_defaults_and_the_demo_pass():
 ])
 def test_check_config_names_each_problem(cfg, problems):
     assert check_config(cfg) == problems
+
+
+ON = DistillConfig(teacher="t")
+
+
+@pytest.mark.parametrize("cfg,problems", [
+    (base(on_policy=OnPolicyConfig(enabled=True)), ["--on-policy needs --teacher (the model that scores the rollouts)"]),
+    (base(on_policy=OnPolicyConfig(enabled=True), distill=DistillConfig(teacher_cache="c")),
+     ["--on-policy needs --teacher (the model that scores the rollouts)",
+      "--on-policy scores new rollouts online: use --teacher, not --teacher-cache"]),
+    (base(distill=ON, on_policy=OnPolicyConfig(enabled=True, on_policy_mix=1.5)),
+     ["--on-policy-mix must be in [0, 1], got 1.5"]),
+    (base(distill=ON, on_policy=OnPolicyConfig(enabled=True, rollout_tokens=0)),
+     ["--rollout-tokens and --samples-per-prompt must be >= 1, got 0, 1"]),
+    (base(distill=ON, on_policy=OnPolicyConfig(enabled=True, rollout_temperature=0.0, on_policy_estimator="sampled")),
+     ["--rollout-temperature must be >= 0 (> 0 for --on-policy-estimator sampled), got 0.0"]),
+    (base(distill=ON, on_policy=OnPolicyConfig(enabled=True), eval_split=0.1),
+     ["--on-policy reads every prompt of --data: hold out with --eval-data (records with answers)"]),
+    (base(distill=ON, on_policy=OnPolicyConfig(enabled=True), fsdp=True),
+     ["--on-policy samples on each process alone, which a sharded model cannot: drop --fsdp"]),
+    (base(distill=ON, on_policy=OnPolicyConfig(enabled=True), data_config=DataConfig(format="text")),
+     ["--on-policy renders prompts with the chat format: drop --template / --format text"]),
+])
+def test_check_config_on_policy(cfg, problems):
+    assert check_config(cfg) == problems
+    on = replace(cfg, on_policy=replace(cfg.on_policy, enabled=False))
+    assert not set(problems) & set(check_config(on))  # the on-policy checks only apply with --on-policy
+
+
+def test_on_policy_flags_and_defaults():
+    from minidistill.train import parse_args
+
+    cfg = parse_args(["--model", "m", "--data", "d", "--teacher", "t", "--on-policy", "--rollout-tokens", "64",
+                      "--rollout-temperature", "0.7", "--samples-per-prompt", "2", "--on-policy-mix", "0.25",
+                      "--on-policy-estimator", "sampled"])
+    assert cfg.on_policy == OnPolicyConfig(enabled=True, rollout_tokens=64, rollout_temperature=0.7,
+                                           samples_per_prompt=2, on_policy_mix=0.25, on_policy_estimator="sampled")
+    assert asdict(TrainConfig())["on_policy"] == {"enabled": False, "rollout_tokens": 256, "rollout_temperature": 1.0,
+                                                 "samples_per_prompt": 1, "on_policy_mix": 1.0,
+                                                 "on_policy_estimator": "full"}
 
 
 def test_check_config_reads_the_nested_data_config():

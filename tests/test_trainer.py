@@ -82,7 +82,7 @@ def test_train_raises_on_bad_input_instead_of_exiting(tiny, tmp_path):
 
 
 def test_stream_prefetch_gives_the_batches_of_the_position(tiny, tmp_path):
-    from minidistill.trainer import BatchStream
+    from minidistill.batches import BatchStream
 
     run = setup(config(tiny, tmp_path / "run", grad_accum=2))
     run.stream = BatchStream(run.data, run.cfg, 0, 1, run.stream.pad_id, ahead=True)  # as on a GPU
@@ -96,3 +96,18 @@ def test_stream_prefetch_gives_the_batches_of_the_position(tiny, tmp_path):
     assert run.state.epoch == epoch == 1
     assert run.state.index == index
     assert all(torch.equal(a.input_ids, b.input_ids) and a.rows == b.rows for a, b in zip(ahead, direct))
+
+
+def test_rope_scaling_reaches_the_model_the_merged_config_and_the_adapter_readme(tiny, tmp_path):
+    import json
+
+    out = tmp_path / "run"
+    summary = train(config(tiny, out, max_steps=1, grad_accum=1, rope_scaling="linear:2", merge=True))
+    assert summary["steps"] == 1
+    merged = json.loads((out / "merged" / "config.json").read_text())
+    assert merged["rope_scaling"]["factor"] == 2.0 and merged["rope_scaling"]["rope_type"] == "linear"
+    base = json.loads((tiny[1] / "config.json").read_text())
+    assert merged["max_position_embeddings"] == 2 * base["max_position_embeddings"]
+    assert "linear:2" in (out / "adapter" / "README.md").read_text()
+    with pytest.raises(ValueError, match="rope"):
+        train(config(tiny, tmp_path / "bad", rope_scaling="cubic:2"))
