@@ -74,8 +74,13 @@ class Tokenizer:
         self.chat_format = "none"
         if chat_format is not None:
             self.set_chat_format(chat_format)
-        elif chat_template:
-            self.set_chat_format(detect_chat_format(chat_template))
+        self._no_format = ("this tokenizer has no chat template; pass chat_format=NAME to from_dir / load_tokenizer "
+                           "to choose one of minidistill.chat.FORMATS")
+        if chat_format is None and chat_template:
+            try:
+                self.set_chat_format(detect_chat_format(chat_template))
+            except ValueError as e:  # said at the first chat use: prompt templates and plain text still work
+                self._no_format = f"{e} (or use a prompt template: --template FILE, or --format text)"
 
     def _special_id(self, token: str | None, fallback) -> int | None:
         if token is not None:
@@ -168,8 +173,7 @@ class Tokenizer:
         """The conversation as the chat format's (text, trainable) segments; joined, they are `render_chat`.
         enable_thinking=False: the template's thinking switch off (Qwen3), ignored by templates without one."""
         if self.format is None:
-            raise ValueError("this tokenizer has no chat template; pass chat_format=NAME to from_dir / "
-                             "load_tokenizer to choose one of minidistill.chat.FORMATS")
+            raise ValueError(self._no_format)
         return render_segments(self.format, messages, add_generation_prompt, self.bos_token or "",
                                self.eos_token or "", enable_thinking)
 

@@ -199,9 +199,12 @@ def test_unknown_template_fails_clearly_and_can_be_forced(tmp_path):
     cfg = json.loads((folder / "tokenizer_config.json").read_text())
     cfg["chat_template"] = "{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    plain = Tokenizer.from_dir(folder)  # loads: plain text and prompt templates need no chat format
+    assert plain.encode("hi there") == md.load_tokenizer(str(folder), chat_format="chatml").encode("hi there")
     with pytest.raises(ValueError, match="unrecognised chat template") as err:
-        Tokenizer.from_dir(folder)
+        plain.encode_chat([{"role": "user", "content": "hi"}])
     assert all(name in str(err.value) for name in FORMATS) and "chat_format=" in str(err.value)
+    assert "--template" in str(err.value)
     tok = md.load_tokenizer(str(folder), chat_format="chatml")
     assert tok.render_chat([{"role": "user", "content": "hi"}], True) == \
         "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
