@@ -5,6 +5,11 @@ python benchmarks/bench_nf4.py            # CUDA: the Triton kernel on real mode
 python benchmarks/bench_nf4.py --smoke    # tiny shapes on CPU (auto without CUDA): proves it runs
 python benchmarks/bench_nf4.py --train-step [--train-layers 4]   # CPU: QLoRA step / LoRA step
 
+The matvec rows (CUDA) time batch-1 decode of Llama-3.1-8B-shaped layers, bf16: the 4-bit
+matrix-vector kernel (kernels/nf4_matvec.py) against dequantize-then-matmul (Triton decode, then
+cuBLAS), per linear and for one whole block (target: the kernel >= 2x); --smoke runs one tiny
+shape through the interpreter.
+
 The train-step rows time one optimizer step (forward, chunked CE, backward, AdamW) of a
 SmolLM2-135M-shaped model with random weights (hidden 576, MLP 1536, 9/3 heads, vocab 49152,
 depth reduced), fp32, LoRA r16 on the seven projections, over a dense and over an NF4 base.
@@ -31,6 +36,7 @@ if not torch.cuda.is_available():  # the kernel runs through the interpreter on 
 import minidistill as md  # noqa: E402
 from minidistill.config import ModelConfig  # noqa: E402
 from minidistill.kernels.nf4 import dequantize_nf4_lut, dequantize_nf4_reference, dequantize_nf4_triton  # noqa: E402
+from minidistill.kernels.nf4_matvec import nf4_matvec, nf4_matvec_reference  # noqa: E402
 from minidistill.model import Transformer  # noqa: E402
 from minidistill.quant import NF4Linear, quantize_nf4  # noqa: E402
 
@@ -126,6 +132,32 @@ def _row(model, name, numel, us, copy_gbs, impl_name, bnb_q, iters, cuda, bnb_us
             "speedup_vs_bnb": None if bnb_us is None else round(bnb_us / us, 2)}
 
 
+def matvec_rows(iters: int, cuda: bool, rows: int = 1) -> list[dict]:
+    """Batch-`rows` decode through each Llama-3.1-8B linear: kernel vs decode + matmul (CUDA), or
+    one tiny shape through the interpreter (CPU). Both outputs are checked against the reference."""
+    device = "cuda" if cuda else "cpu"
+    linears = MODELS["llama-3.1-8b"][1] if cuda else [("tiny", 96, 192)]
+    out, totals = [], {"kernel": 0.0, "dequant+matmul": 0.0}
+    for name, out_f, in_f in linears:
+        packed, state = quantize_nf4(torch.randn(out_f, in_f, device=device, dtype=torch.bfloat16) * 0.02, BLOCKSIZE)
+        x = torch.randn(rows, in_f, device=device, dtype=torch.bfloat16)
+        ref = nf4_matvec_reference(x, packed, state).float()
+        err = ((nf4_matvec(x, packed, state).float() - ref).abs().max() / ref.abs().max()).item()
+        k_us = _timer(lambda: nf4_matvec(x, packed, state), iters, cuda)
+        d_us = _timer(lambda: torch.nn.functional.linear(x, dequantize_nf4_triton(packed, state, torch.bfloat16)),
+                      iters, cuda)
+        totals["kernel"] += k_us
+        totals["dequant+matmul"] += d_us
+        out.append({"model": "llama-3.1-8b" if cuda else "tiny", "linear": f"matvec {name} {out_f}x{in_f}",
+                    "rows": rows, "kernel_us": round(k_us, 1), "dequant_matmul_us": round(d_us, 1),
+                    "speedup": round(d_us / k_us, 2), "rel_err": float(f"{err:.2g}")})
+    if len(linears) > 1:
+        out.append({"model": "llama-3.1-8b", "linear": "matvec, one block (7 linears)", "rows": rows,
+                    "kernel_us": round(totals["kernel"], 1), "dequant_matmul_us": round(totals["dequant+matmul"], 1),
+                    "speedup": round(totals["dequant+matmul"] / totals["kernel"], 2), "rel_err": None})
+    return out
+
+
 SMOLLM2 = dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
                num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
                rope_theta=100000.0, max_position_embeddings=8192, tie_word_embeddings=True, hidden_act="silu")
@@ -219,6 +251,7 @@ def main() -> None:
             us = _timer(lambda: fn(packed, state, torch.bfloat16), args.iters, False)
             rows.append(_row("ref vs lut", f"{state.shape[0]}x{state.shape[1]}", w.numel(), us,
                              copy_gbs, name, bnb_q, args.iters, False))
+    matvec = matvec_rows(args.iters if cuda else 2, cuda)
     train = train_step_rows(args.train_layers, args.train_batch, args.train_seq, args.train_steps) \
         if args.train_step else []
 
@@ -233,13 +266,20 @@ def main() -> None:
         ratio = "-" if r["speedup_vs_bnb"] is None else f"{r['speedup_vs_bnb']:.2f}"
         print(f"{r['model']:<14}{r['linear']:<36}{r['impl']:<15}{r['us']:>11.1f}{r['gbs']:>9.1f}"
               f"{r['pct_copy']:>7.1f}{bnb_us:>11}{ratio:>7}")
+    print(f"\nbatch-1 decode, bf16: the 4-bit matvec kernel vs dequantize-then-matmul"
+          f"{'' if cuda else ' (interpreter: proves it runs, not a speed)'}; target >= 2x on a GPU")
+    print(f"{'model':<14}{'linear':<36}{'kernel':>14}{'dequant+mm':>14}{'x':>8}")
+    for r in matvec:
+        err = "" if r["rel_err"] is None else f"   rel err {r['rel_err']:.1e}"
+        print(f"{r['model']:<14}{r['linear']:<36}{r['kernel_us']:>11.1f} us{r['dequant_matmul_us']:>11.1f} us"
+              f"{r['speedup']:>7.2f}x{err}")
     if train:
         print(f"\nCPU training step, batch {args.train_batch} x {args.train_seq} tokens, fp32, LoRA r16 x 7 projections")
         for r in train:
             ratio = f"   qlora / lora = {r['qlora_over_lora']:.2f}" if "qlora_over_lora" in r else ""
             print(f"{r['model']:<28}{r['linear']:<24}{r['step_s']:>9.3f} s{ratio}")
     print(json.dumps({"bench": "nf4_dequant", "device": dev_name, "copy_gbs": round(copy_gbs, 1),
-                      "rows": rows, "train_step": train}))
+                      "rows": rows, "matvec": matvec, "train_step": train}))
 
 
 if __name__ == "__main__":

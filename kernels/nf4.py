@@ -112,8 +112,10 @@ def _check(packed: torch.Tensor, state: NF4State, dtype: torch.dtype) -> tuple[i
     return n, n_blocks
 
 
-def dequantize_nf4_triton(packed: torch.Tensor, state: NF4State, dtype: torch.dtype) -> torch.Tensor:
-    """Dequantize with the Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1)."""
+def dequantize_nf4_triton(packed: torch.Tensor, state: NF4State, dtype: torch.dtype,
+                          out: torch.Tensor | None = None) -> torch.Tensor:
+    """Dequantize with the Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1), into `out` (a
+    contiguous tensor of numel(shape) elements in `dtype`, reused by the caller) or a new tensor."""
     n, n_blocks = _check(packed, state, dtype)
     if triton is None:
         raise RuntimeError("triton is not installed; use dequantize_nf4_reference")
@@ -128,7 +130,7 @@ def dequantize_nf4_triton(packed: torch.Tensor, state: NF4State, dtype: torch.dt
     if packed.device.type != "cuda" and not interpret:
         raise ValueError(f"the NF4 kernel needs CUDA tensors (got {packed.device}) or "
                          "TRITON_INTERPRET=1 set before triton is imported")
-    out = torch.empty(state.shape, dtype=dtype, device=packed.device)
+    out = _out(out, state, dtype, n, packed.device)
     if n == 0:
         return out
     block_bytes = max(_BLOCK_BYTES, state.blocksize // 2)
@@ -147,6 +149,16 @@ def dequantize_nf4_triton(packed: torch.Tensor, state: NF4State, dtype: torch.dt
         enable_fp_fusion=False,  # keep mul-then-add of the nested scale unfused (bit parity)
     )
     return out
+
+
+def _out(out: torch.Tensor | None, state: NF4State, dtype: torch.dtype, n: int, device) -> torch.Tensor:
+    """The caller's output buffer, checked and viewed as the weight's shape, or a new tensor."""
+    if out is None:
+        return torch.empty(state.shape, dtype=dtype, device=device)
+    if out.dtype != dtype or out.numel() != n or not out.is_contiguous() or out.device != device:
+        raise ValueError(f"out must be a contiguous {dtype} tensor of {n} elements on {device}, got "
+                         f"{out.dtype} {tuple(out.shape)} on {out.device} (contiguous={out.is_contiguous()})")
+    return out.view(state.shape)
 
 
 def dequantize_nf4_reference(
@@ -199,11 +211,7 @@ def dequantize_nf4_lut(packed: torch.Tensor, state: NF4State, dtype: torch.dtype
     numel(shape) elements in `dtype`, reused by the caller) or a new tensor. Bit-identical to
     the reference; no int64 codes, and only chunk-sized temporaries."""
     n, n_blocks = _check(packed, state, dtype)
-    if out is None:
-        out = torch.empty(state.shape, dtype=dtype, device=packed.device)
-    elif out.dtype != dtype or out.numel() != n or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous {dtype} tensor of {n} elements, got {out.dtype} "
-                         f"{tuple(out.shape)} (contiguous={out.is_contiguous()})")
+    out = _out(out, state, dtype, n, packed.device)
     if n == 0:
         return out.view(state.shape)
     bs = state.blocksize
@@ -225,3 +233,14 @@ def dequantize_nf4_lut(packed: torch.Tensor, state: NF4State, dtype: torch.dtype
         if work is not None:
             dst[e0:e1].copy_(w[:e1 - e0])  # the cast (round to nearest even) to `dtype`
     return out.view(state.shape)
+
+
+def dequantize_nf4_into(bufs: dict, packed: torch.Tensor, state: NF4State, dtype: torch.dtype) -> torch.Tensor:
+    """Decode into bufs[(device, dtype)], a flat buffer the caller keeps, grown to the largest
+    weight seen (the kernel on CUDA, the table elsewhere); valid until the next decode into it."""
+    n, key = math.prod(state.shape), (packed.device, dtype)
+    if key not in bufs or bufs[key].numel() < n:
+        bufs[key] = torch.empty(n, dtype=dtype, device=packed.device)
+    if packed.is_cuda and triton is not None:
+        return dequantize_nf4_triton(packed, state, dtype, out=bufs[key][:n])
+    return dequantize_nf4_lut(packed, state, dtype, out=bufs[key][:n])

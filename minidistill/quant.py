@@ -2,20 +2,21 @@
 
 `quantize_nf4` reproduces `bitsandbytes.functional.quantize_4bit(quant_type="nf4")` code for
 code (as bnb computes it on CPU), `dequantize_nf4` decodes with the Triton kernel on CUDA and
-a byte -> two-values lookup table elsewhere (`nf4_matmul_weight`: the same for one matmul, into
-a reused buffer), and `nf4_state_from_bnb_tensors` / `nf4_state_to_bnb_tensors` read and write
-the keys of pre-quantized "-bnb-4bit" checkpoints. `NF4Linear` is the frozen
-4-bit base (QLoRA's LoRA layer over it is lora.NF4LoRALinear); the helpers at the end decide
-what `loader.load_model` quantizes.
+a byte -> two-values lookup table elsewhere (`nf4_matmul_weight`: for one matmul, into a reused
+buffer; `nf4_matmul`: the 4-bit matvec kernel for few rows on CUDA), `DecodedWeights` keeps
+decoded layers for one generate call, and `nf4_state_from/to_bnb_tensors` read and write the
+keys of "-bnb-4bit" checkpoints. `NF4Linear` is the frozen 4-bit base (QLoRA's LoRA layer over
+it is lora.NF4LoRALinear); the helpers at the end decide what `loader.load_model` quantizes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 
 import torch
@@ -150,25 +151,101 @@ def dequantize_nf4(
     return _nf4.dequantize_nf4_lut(packed, state, dtype)
 
 
-_scratch = threading.local()  # per thread: {(device, dtype): flat buffer}
+_scratch = threading.local()  # per thread: {(device, dtype): flat buffer}; the active DecodedWeights
 
 
 def nf4_matmul_weight(packed: torch.Tensor, state: NF4State, dtype: torch.dtype) -> torch.Tensor:
-    """The decoded weight for ONE matmul, to be used at once and never kept: off CUDA it lives in
-    a per-thread buffer that the next decode overwrites. A large fresh tensor per call costs page
-    faults on the CPU (freed to the OS and touched again each time); CUDA's caching allocator
-    makes the kernel's own allocation cheap, so there it is a new tensor."""
+    """The decoded weight for ONE matmul, used at once, never kept (inside an active DecodedWeights:
+    its weight). Off CUDA it lives in a per-thread buffer that the next decode overwrites: a fresh
+    large tensor costs page faults on the CPU; CUDA's caching allocator makes a new one cheap."""
     from minidistill.kernels import nf4 as _nf4
 
+    active = getattr(_scratch, "active", None)
+    if active:
+        return active[-1].weight(packed, state, dtype)
     if packed.is_cuda and _nf4.triton is not None:
         return _nf4.dequantize_nf4_triton(packed, state, dtype)
-    bufs = getattr(_scratch, "bufs", None)
-    if bufs is None:
-        bufs = _scratch.bufs = {}
-    n, key = math.prod(state.shape), (packed.device, dtype)
-    if key not in bufs or bufs[key].numel() < n:
-        bufs[key] = torch.empty(n, dtype=dtype, device=packed.device)
-    return _nf4.dequantize_nf4_lut(packed, state, dtype, out=bufs[key][:n])
+    return _nf4.dequantize_nf4_into(_scratch.__dict__.setdefault("bufs", {}), packed, state, dtype)
+
+
+def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, state: NF4State,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ dequant(W).T + b, no autograd (the forward of both NF4 layers): the 4-bit matrix-vector
+    kernel on CUDA while x has at most kernels.nf4_matvec.MAX_ROWS rows (decode), else a matmul on
+    the decoded weight (`nf4_matmul_weight`)."""
+    from minidistill.kernels import nf4_matvec as _mv
+
+    if _mv.use_matvec(x, packed):
+        return _mv.nf4_matvec(x, packed, state, bias)
+    return F.linear(x, nf4_matmul_weight(packed, state, x.dtype), bias)
+
+
+# ---- generation: each NF4 layer decoded once per generate call -------------------------------
+DECODE_BUDGET_MB = 2048.0  # the default: SmolLM2 / Qwen2-0.5B whole in fp32, ~1/4 of Phi-4-mini in bf16
+
+
+class DecodedWeights:
+    """Decoded NF4 weights kept for one generate call, so a 4-bit model does not decode every
+    weight on every token. The rule, while active (`with cache:`), per (layer, dtype):
+    - a layer is decoded on its first use in the call, as the forward reaches it (never the whole
+      model at once), into a buffer of its own, kept while the kept bytes stay within `budget_mb`
+      (None: DECODE_BUDGET_MB, on CUDA at most a quarter of the free memory: QLoRA's sample
+      answers run beside training, and small batches there take the matvec kernel anyway);
+    - a layer past the budget is decoded on every use into one reusable buffer per (device,
+      dtype), sized to the largest such layer: no allocation per token;
+    - `close()` frees it all (iter_generate closes it when the call ends or is abandoned).
+    Entering needs grad off, and iter_generate leaves it before each yield: code run between two
+    yields (a training step of on-policy distillation, its backward) decodes afresh."""
+
+    def __init__(self, budget_mb: float | None = None):
+        if budget_mb is not None and not budget_mb >= 0:
+            raise ValueError(f"budget_mb must be >= 0 (0: decode every layer per step), got {budget_mb}")
+        self.budget = None if budget_mb is None else budget_mb * 2**20  # bytes; math.inf keeps all
+        self.kept: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # key -> (packed, decoded)
+        self.kept_bytes, self.decodes = 0, 0  # decodes: every decode, kept or per step (for tests)
+        self.step_bufs: dict = {}  # {(device, dtype): flat buffer} for the layers past the budget
+
+    def weight(self, packed: torch.Tensor, state: NF4State, dtype: torch.dtype) -> torch.Tensor:
+        """The decoded weight (out, in) in `dtype`, by the rule of the class docstring."""
+        from minidistill.kernels import nf4 as _nf4
+
+        key = (packed.data_ptr(), packed.device, dtype)
+        if key in self.kept:
+            return self.kept[key][1]
+        self.decodes += 1
+        if self.budget is None:  # the default, on the device of the first layer decoded
+            free = torch.cuda.mem_get_info(packed.device)[0] if packed.is_cuda else math.inf
+            self.budget = min(DECODE_BUDGET_MB * 2**20, free / 4)
+        nbytes = math.prod(state.shape) * dtype.itemsize
+        if self.kept_bytes + nbytes > self.budget:
+            return _nf4.dequantize_nf4_into(self.step_bufs, packed, state, dtype)
+        self.kept[key] = (packed, dequantize_nf4(packed, state, dtype))  # packed kept: its data_ptr stays its own
+        self.kept_bytes += nbytes
+        return self.kept[key][1]
+
+    def __enter__(self) -> DecodedWeights:
+        if torch.is_grad_enabled():
+            raise RuntimeError("DecodedWeights is for generation: enter it under torch.no_grad() "
+                               "(training decodes per matmul and keeps no 16-bit weights)")
+        _scratch.__dict__.setdefault("active", []).append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _scratch.active.remove(self)
+
+    def close(self) -> None:
+        self.kept, self.step_bufs, self.kept_bytes = {}, {}, 0
+
+
+@contextlib.contextmanager
+def decoded_weights(budget_mb: float | None = None) -> Iterator[DecodedWeights]:
+    """`with decoded_weights(budget_mb):` (under no_grad): NF4 layers decode once inside, freed at the end."""
+    cache = DecodedWeights(budget_mb)
+    try:
+        with cache:
+            yield cache
+    finally:
+        cache.close()
 
 
 # ---- pre-quantized "-bnb-4bit" checkpoints ------------------------------------------------
@@ -230,7 +307,7 @@ class _NF4Matmul(torch.autograd.Function):
                 bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(packed)
         ctx.state = state
-        return F.linear(x, nf4_matmul_weight(packed, state, x.dtype), bias)
+        return nf4_matmul(x, packed, state, bias)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):

@@ -19,6 +19,10 @@ distribution of softmax(logits / temperature), cut to the top_p nucleus. Prompt 
 uniforms from `torch.Generator().manual_seed(seed + i)` (or `seed[i]` for a list of seeds), so
 its tokens depend neither on the batch size nor on the other prompts:
 `generate_ids(prompts[i], seed=seed + i)` samples the same ones.
+
+4-bit (NF4) models decode each layer once per call, keeping up to `decode_budget_mb` of decoded
+weights, the rest per step (quant.DecodedWeights has the rule and the default); all is freed
+when the call ends.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ from torch import Tensor
 
 from .model import KVCache, Transformer
 from .progress import Progress
+from .quant import DecodedWeights
 
 
 def sample_next(logits: Tensor, temperature: float = 0.0, top_p: float = 1.0, u: Tensor | None = None) -> Tensor:
@@ -57,12 +62,14 @@ def sample_next(logits: Tensor, temperature: float = 0.0, top_p: float = 1.0, u:
 class Completion:
     """One finished generation: the prompt's index in the call, its new token ids (a stop id is
     not included), why it ended ("stop": a stop id or string; "length": max_new_tokens reached),
-    and, for chat replies, the text (cut before a stop string)."""
+    for chat replies the text (cut before a stop string), and the stop id that ended it (None
+    when none did: a stop string, or the length)."""
 
     index: int
     ids: list[int]
     reason: str
     text: str | None = None
+    stop_id: int | None = None
 
 
 @dataclass
@@ -84,11 +91,13 @@ class _Row:
     noise: Tensor | None  # (max_new_tokens,) this prompt's uniforms; None when greedy
     long: bool  # decoded with LongRoPE's long factors
     out: list[int]
+    stop_id: int | None = None  # the stop id that ended it
 
 
 def _push(row: _Row, tok: int, s: _Settings) -> str | None:
     """Add a sampled token to a row; returns why the row ends ("stop", "length") or None."""
     if tok in s.stop_ids:
+        row.stop_id = tok
         return "stop"
     row.out.append(tok)
     if s.on_token is not None:
@@ -265,11 +274,12 @@ def iter_generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_n
                   stop_strings: Sequence[str] = (), decode: Callable[[list[int]], str] | None = None,
                   seed: int | Sequence[int] | None = None, batch_size: int = 16,
                   on_token: Callable[[int, int], None] | None = None,
-                  progress: Progress | None = None) -> Iterator[Completion]:
+                  progress: Progress | None = None,
+                  decode_budget_mb: float | None = None) -> Iterator[Completion]:
     """Generate for token-id prompts, `batch_size` rows decoding together; yields a `Completion`
     per prompt as each finishes (in any order). stop_strings end a row once the decoded text of
     its new tokens holds one (`decode` turns ids into text); on_token(index, id) sees every new
-    token. See the module docstring for batching, LongRoPE and seeds."""
+    token. See the module docstring for batching, LongRoPE, seeds and 4-bit models."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     for i, p in enumerate(prompts):
@@ -296,9 +306,12 @@ def iter_generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_n
         nonlocal live
         live -= 1
         tick(done=1)
-        return Completion(row.index, row.out, reason)
+        return Completion(row.index, row.out, reason, stop_id=row.stop_id)
 
-    while waiting or pending or groups:
+    def advance() -> list[Completion]:
+        """Take waiting prompts in, prefill, one decode step; returns the rows that finished."""
+        nonlocal pending, groups, live
+        done: list[Completion] = []
         while waiting and live < batch_size:
             i = waiting.popleft()
             live += 1
@@ -311,7 +324,7 @@ def iter_generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_n
             tick(tokens=len(chunk))
             for j, (row, reason) in enumerate(zip(chunk, reasons)):
                 if reason is not None:
-                    yield finish(row, reason)
+                    done.append(finish(row, reason))
                 elif _crosses(row, s):  # its first token took it past the original context
                     row.long = True
                     pending.append(row)
@@ -338,11 +351,21 @@ def iter_generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_n
                     continue
                 g.drop(i)
                 if reason is not None:
-                    yield finish(row, reason)
+                    done.append(finish(row, reason))
                 else:  # past LongRoPE's original context: prefill it again, on the long factors
                     row.long = True
                     pending.append(row)
         groups = [g for g in groups if g.live]
+        return done
+
+    weights = DecodedWeights(decode_budget_mb)
+    try:
+        while waiting or pending or groups:
+            with weights:  # active during a step only: code run between two yields never sees it
+                done = advance()
+            yield from done
+    finally:
+        weights.close()
 
 
 def generate_ids(model: Transformer, prompt_ids: Sequence[int], *, max_new_tokens: int = 256,

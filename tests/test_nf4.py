@@ -40,6 +40,9 @@ def test_kernel_without_double_quant_and_large_blocks(blocksize):
     for dtype in OUT_DTYPES:
         got = dequantize_nf4_triton(packed, state, dtype)
         assert torch.equal(got, dequantize_nf4_reference(packed, state, dtype))
+        out = torch.full((9 * 1000,), float("nan"), dtype=dtype, device=DEVICE)  # a reused, dirty buffer
+        again = dequantize_nf4_triton(packed, state, dtype, out=out)
+        assert torch.equal(again, got) and again.data_ptr() == out.data_ptr()
 
 
 def test_kernel_rejects_bad_inputs():

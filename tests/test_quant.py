@@ -6,7 +6,9 @@ The Triton and lookup-table decoders are tested in test_nf4.py."""
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from minidistill import quant
 from minidistill.config import ModelConfig
 from minidistill.kernels.nf4 import dequantize_nf4_reference
 from minidistill.model import Transformer
@@ -17,6 +19,7 @@ from minidistill.quant import (
     bnb_nf4_config,
     block_linear_paths,
     check_quantize,
+    decoded_weights,
     dequantize_nf4,
     dynamic_map,
     nf4_matmul_weight,
@@ -148,6 +151,22 @@ def test_matmul_weight_reuses_one_buffer_per_dtype():
     w2 = nf4_matmul_weight(small, ss, torch.float32)  # fits: same memory, the old values overwritten
     assert w2.untyped_storage().data_ptr() == ptr and torch.equal(w2, dequantize_nf4(small, ss, torch.float32))
     assert nf4_matmul_weight(small, ss, torch.bfloat16).untyped_storage().data_ptr() != ptr
+
+
+def test_decoded_weights_keep_within_budget_then_reuse_one_buffer():
+    layers = [NF4Linear.from_linear(nn.Linear(96, n, bias=False)) for n in (40, 8, 24)]
+    x = torch.randn(3, 96)
+    want = [x @ m.dequantize(torch.float32).T for m in layers]
+    with torch.no_grad(), decoded_weights(budget_mb=(40 * 96 + 8 * 96) * 4 / 2**20) as cache:
+        for _ in range(3):  # three "steps": the first two layers fit, the third is decoded per step
+            assert all(torch.equal(m(x), w) for m, w in zip(layers, want))
+        assert len(cache.kept) == 2 and cache.kept_bytes == (40 + 8) * 96 * 4 and cache.decodes == 2 + 3
+        (buf,) = cache.step_bufs.values()  # one reused buffer, the third layer's size
+        assert buf.numel() == 24 * 96
+    assert cache.kept == {} and cache.step_bufs == {} and not quant._scratch.active
+    with pytest.raises(RuntimeError, match="under torch.no_grad"), decoded_weights():  # grad on: refused
+        pass
+    assert not quant._scratch.active
 
 
 # ---- quantizer == bitsandbytes ---------------------------------------------------------------

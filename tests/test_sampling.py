@@ -3,17 +3,22 @@ lengths (a 1-token prompt, LongRoPE's switch, a sliding window), rows leaving an
 batch, seeded sampling whatever the batch, the cache never read outside a row, stop strings,
 max_new_tokens counted, the progress line."""
 
+import copy
+import gc
 import sys
+import weakref
 
 import pytest
 import torch
 
 import minidistill as md
-from minidistill import sampling
+from minidistill import quant, sampling
 from minidistill.demo import build_demo_model
+from minidistill.lora import NF4LoRALinear
 from minidistill.progress import Progress
+from minidistill.quant import NF4Linear
 from minidistill.sampling import Completion, generate_ids, generate_ids_batch, iter_generate, sample_next
-from model_fixtures import write_checkpoint
+from model_fixtures import randomise_lora, write_checkpoint
 
 
 def recompute_greedy(model, prompt, n, stop=()):
@@ -89,6 +94,8 @@ def test_finished_rows_leave_and_waiting_prompts_join(tmp_path):
     done = list(iter_generate(model, prompts, max_new_tokens=12, stop_ids=stop, batch_size=4))
     assert {c.index: c.ids for c in done} == dict(enumerate(want))
     assert {c.index: c.reason for c in done} == {i: "length" if len(w) == 12 else "stop" for i, w in enumerate(want)}
+    assert {c.index: c.stop_id for c in done} == {i: None if len(w) == 12 else greedy[i][len(w)]
+                                                  for i, w in enumerate(want)}  # the stop id that ended it
     decode = [b for b, t in calls if t == 1]
     assert max(decode) == 4  # rows of any length together, never more than batch_size
     useful = sum(len(w) - 1 for w in want if w) + sum(1 for w in want if w and len(w) < 12)  # steps that made a token
@@ -172,3 +179,90 @@ def test_progress_plain_line_without_tqdm(monkeypatch, capsys):
     p.update(done=4)
     line = capsys.readouterr().err
     assert line.startswith("eval: 4/4 prompts, ") and "tok/s" in line and "ETA 0 s" in line
+
+
+# ---- a 4-bit model decodes each layer once per call (quant.DecodedWeights) --------------------
+def nf4_model(tmp_path, name="llama3", lora=False):
+    write_checkpoint(tmp_path, name)
+    model = md.load_model(tmp_path, dtype=torch.float32, quantize="nf4")
+    if lora:
+        md.apply_lora(model, md.LoraConfig(r=4, alpha=8), verbose=False)
+        randomise_lora(model)
+    return model.eval()
+
+
+def nf4_layers(model):
+    return [m for m in model.modules() if isinstance(m, (NF4Linear, NF4LoRALinear))]
+
+
+def recording(monkeypatch):
+    """Weak references to every weight a DecodedWeights keeps, and the caches built, from now on."""
+    kept, caches, real = [], [], quant.dequantize_nf4
+
+    def dequantize(packed, state, dtype=None):
+        w = real(packed, state, dtype)
+        kept.append(weakref.ref(w))
+        return w
+
+    class Recorded(quant.DecodedWeights):
+        def __init__(self, budget_mb=None):
+            super().__init__(budget_mb)
+            caches.append(self)
+
+        def close(self):
+            self.at_close = (len(self.kept), self.kept_bytes, self.decodes, len(self.step_bufs))
+            super().close()
+
+    monkeypatch.setattr(quant, "dequantize_nf4", dequantize)
+    monkeypatch.setattr(sampling, "DecodedWeights", Recorded)
+    return kept, caches
+
+
+def test_nf4_generation_equals_dequantized_weights_and_decodes_once(tmp_path, monkeypatch):
+    model = nf4_model(tmp_path, "phi4-mini")  # fused qkv / gate_up, LongRoPE rows prefilled again
+    dense = md.merge_lora(copy.deepcopy(model))  # every NF4 linear -> nn.Linear holding dequant(W)
+    assert not nf4_layers(dense) and len(nf4_layers(model)) == 8
+    prompts = prompts_of([1, 20, 9, 31])
+    want = generate_ids_batch(dense, prompts, max_new_tokens=12, batch_size=3)
+    kept, caches = recording(monkeypatch)
+    assert generate_ids_batch(model, prompts, max_new_tokens=12, batch_size=3) == want
+    (cache,) = caches
+    n_kept, n_bytes, decodes, n_bufs = cache.at_close
+    assert n_kept == decodes == 8 and n_bufs == 0  # each layer once, whatever the number of steps
+    assert cache.budget == quant.DECODE_BUDGET_MB * 2**20  # the default on the CPU
+    assert n_bytes == sum(m.in_features * m.out_features * 4 for m in nf4_layers(model))
+    gc.collect()
+    assert len(kept) == 8 and all(r() is None for r in kept)  # freed when the call ends
+    assert cache.kept == {} and cache.kept_bytes == 0
+
+
+def test_nf4_decode_budget_and_per_step_path(tmp_path, monkeypatch):
+    model = nf4_model(tmp_path, "llama3", lora=True)  # NF4LoRALinear: the LoRA function's base
+    prompts = prompts_of([3, 11, 6])
+    want = [recompute_greedy(model, p, 10) for p in prompts]  # no cache active: decode per matmul
+    sizes = [m.in_features * m.out_features * 4 for m in nf4_layers(model)]  # fp32 bytes, forward order
+    _, caches = recording(monkeypatch)
+    for budget_mb, n_fit in ((0, 0), ((sizes[0] + sizes[1] + 1) / 2**20, 2), (1e6, len(sizes))):
+        got = list(iter_generate(model, prompts, max_new_tokens=10, batch_size=2, decode_budget_mb=budget_mb))
+        assert {c.index: c.ids for c in got} == dict(enumerate(want)), budget_mb
+        n_kept, n_bytes, decodes, n_bufs = caches[-1].at_close
+        assert n_kept == n_fit and n_bytes == sum(sizes[:n_fit]) <= caches[-1].budget
+        assert n_bufs == (n_fit < len(sizes))  # past the budget: one reused buffer (one dtype)
+        assert decodes > len(sizes) if n_fit < len(sizes) else decodes == len(sizes)  # per step past it
+    with pytest.raises(ValueError, match="budget_mb must be >= 0"):
+        quant.DecodedWeights(-1)
+
+
+def test_decoded_weights_never_seen_by_training(tmp_path):
+    model = nf4_model(tmp_path, "llama3", lora=True)
+    with pytest.raises(RuntimeError, match="under torch.no_grad"):
+        with quant.DecodedWeights():
+            pass
+    seen = []
+    gen = iter_generate(model, prompts_of([2, 9]), max_new_tokens=6, batch_size=1,
+                        on_token=lambda i, t: seen.append(len(quant._scratch.active)))
+    next(gen)  # suspended between yields: a training step here must decode afresh
+    assert seen and all(n == 1 for n in seen) and not quant._scratch.active
+    model(torch.randint(0, 96, (1, 5))).float().sum().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
+    assert len(list(gen)) == 1 and not quant._scratch.active
