@@ -20,8 +20,9 @@ from safetensors import SafetensorError, safe_open
 from .config import ModelConfig
 from .hub import INDEX_FILE, SINGLE_FILE, resolve_model_dir
 from .model import Transformer
-from .quant import (BNB_SUFFIXES, NF4Linear, NF4State, block_linear_paths, bnb_nf4_config, check_quantize,
-                    nf4_state_from_bnb_tensors, prequantized_paths, quantize_nf4)
+from .bnb_format import (BNB_SUFFIXES, block_linear_paths, bnb_nf4_config, check_quantize,
+                         nf4_state_from_bnb_tensors, prequantized_paths)
+from .quant import NF4Linear, NF4State, quantize_nf4
 from .rope import parse_rope_scaling
 from .tokenizer import load_tokenizer
 

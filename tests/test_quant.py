@@ -12,20 +12,22 @@ from minidistill import quant
 from minidistill.config import ModelConfig
 from minidistill.kernels.nf4 import dequantize_nf4_reference
 from minidistill.model import Transformer
+from minidistill.bnb_format import (
+    block_linear_paths,
+    bnb_nf4_config,
+    check_quantize,
+    nf4_state_from_bnb_tensors,
+    nf4_state_to_bnb_tensors,
+    prequantized_paths,
+)
 from minidistill.quant import (
     NF4_CODE,
     NF4Linear,
     NF4State,
-    bnb_nf4_config,
-    block_linear_paths,
-    check_quantize,
     decoded_weights,
     dequantize_nf4,
     dynamic_map,
     nf4_matmul_weight,
-    nf4_state_from_bnb_tensors,
-    nf4_state_to_bnb_tensors,
-    prequantized_paths,
     quantize_nf4,
     register_nf4_weight,
 )
