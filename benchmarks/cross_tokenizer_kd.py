@@ -40,7 +40,7 @@ import torch
 import minidistill as md
 from minidistill.answers import score_answer, think_stats
 from minidistill.chat import SMOLLM2_SYSTEM
-from minidistill.demo import DEMO_DATA, build_demo_model, make_records, write_demo_data
+from minidistill.demo import DEMO_DATA, build_demo_model, make_records, write_demo_checkpoint, write_demo_data
 
 LORA = md.LoraConfig(r=32, alpha=32, targets="all-linear")
 SMOLLM2_TEMPLATE = (
@@ -52,15 +52,10 @@ SMOLLM2_TEMPLATE = (
 def build_student(folder: Path, hidden: int, layers: int, seed: int = 0) -> Path:
     """A SmolLM2-style tokenizer (Digits(individual) then ByteLevel, ChatML with SmolLM2's system
     prompt) trained on the arithmetic corpus, and a random model with the demo's init recipe."""
-    from safetensors.torch import save_file
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from minidistill.config import ModelConfig
-    from minidistill.model import Transformer
 
     if (folder / "model.safetensors").exists():
         return folder
-    folder.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False)])
@@ -71,32 +66,9 @@ def build_student(folder: Path, hidden: int, layers: int, seed: int = 0) -> Path
     tok.train_from_iterator(texts, trainers.BpeTrainer(
         vocab_size=448, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>",
-        "chat_template": SMOLLM2_TEMPLATE, "add_bos_token": False}, indent=2))
-    eos = tok.token_to_id("<|im_end|>")
-    vocab = (tok.get_vocab_size() + 63) // 64 * 64
-    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": vocab,
-              "hidden_size": hidden, "intermediate_size": hidden * 3, "num_hidden_layers": layers,
-              "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "hidden_act": "silu",
-              "max_position_embeddings": 512, "rope_theta": 10000.0, "tie_word_embeddings": True,
-              "bos_token_id": None, "eos_token_id": eos, "pad_token_id": eos, "torch_dtype": "float32"}
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos]}))
-    torch.manual_seed(seed)
-    model = Transformer(ModelConfig.from_hf(config))
-    with torch.no_grad():  # the demo's recipe (minidistill/demo.py): see the comment there
-        for name, p in model.named_parameters():
-            if name.endswith("embed_tokens.weight"):
-                p.normal_(0, 1.0)
-            elif name == "model.norm.weight":
-                p.fill_(0.2)
-            elif not name.endswith("norm.weight"):
-                p.normal_(0, p.shape[1] ** -0.5)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"},
-              str(folder / "model.safetensors"), metadata={"format": "pt"})
-    return folder
+    return write_demo_checkpoint(folder, tok, {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
+                                               "pad_token": "<|im_end|>", "chat_template": SMOLLM2_TEMPLATE},
+                                 hidden=hidden, layers=layers, seed=seed)
 
 
 def config(model: Path, data: Path, out: Path, work: Path, steps: int, lr: float, limit: int | None = None,

@@ -82,16 +82,11 @@ def build_demo_model(folder: str | Path, seed: int = 0, hidden: int = 128, layer
 
     The tokenizer depends on `seed` only; `init_seed` (default: seed) draws the weights, so two
     folders can share a tokenizer with different weights (a teacher and a student)."""
-    from safetensors.torch import save_file
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from .config import ModelConfig
-    from .model import Transformer
 
     folder = Path(folder)
     if (folder / "model.safetensors").exists():
         return folder
-    folder.mkdir(parents=True, exist_ok=True)
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -102,21 +97,36 @@ def build_demo_model(folder: str | Path, seed: int = 0, hidden: int = 128, layer
     tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=448, special_tokens=specials, show_progress=False,
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok.add_tokens(["<think>", "</think>"])  # atomic, non-special, as in the R1 tokenizers
+    return write_demo_checkpoint(folder, tok, {"bos_token": None, "eos_token": "<|im_end|>",
+                                               "pad_token": "<|endoftext|>", "chat_template": CHATML_TEMPLATE},
+                                 hidden=hidden, layers=layers, seed=seed if init_seed is None else init_seed)
+
+
+def write_demo_checkpoint(folder: str | Path, tok, tokenizer_config: dict, *, hidden: int = 128, layers: int = 4,
+                          seed: int = 0) -> Path:
+    """Write `tok` (a trained `tokenizers.Tokenizer`), its tokenizer_config.json (bos / eos / pad
+    tokens, chat template) and a random Llama-layout model sized for it, with the demo's init,
+    into folder: a checkpoint in the hub layout that `load_model` reads."""
+    from safetensors.torch import save_file
+
+    from .config import ModelConfig
+    from .model import Transformer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-        "chat_template": CHATML_TEMPLATE, "add_bos_token": False}, indent=2))
-    eos = tok.token_to_id("<|im_end|>")
+    (folder / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "add_bos_token": False}, indent=2))
+    eos = tok.token_to_id(tokenizer_config["eos_token"])
+    pad = tok.token_to_id(tokenizer_config.get("pad_token") or tokenizer_config["eos_token"])
     vocab = (tok.get_vocab_size() + 63) // 64 * 64
     config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": vocab,
               "hidden_size": hidden, "intermediate_size": hidden * 3, "num_hidden_layers": layers,
               "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "hidden_act": "silu",
               "max_position_embeddings": 512, "rope_theta": 10000.0, "tie_word_embeddings": True,
-              "bos_token_id": None, "eos_token_id": eos, "pad_token_id": tok.token_to_id("<|endoftext|>"),
-              "torch_dtype": "float32"}
+              "bos_token_id": None, "eos_token_id": eos, "pad_token_id": pad, "torch_dtype": "float32"}
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos]}))
-    torch.manual_seed(seed if init_seed is None else init_seed)
+    torch.manual_seed(seed)
     model = Transformer(ModelConfig.from_hf(config))
     with torch.no_grad():
         # The head is tied to the embedding and stays frozen under LoRA, so its scale bounds how
