@@ -6,9 +6,11 @@ Rows are packed with whole documents drawn from a length mix (`mix`: log-uniform
 tokens, at most T/2; `1k`: uniform 768-1280), positions restarting per document, a padding tail.
 - ours:    Batch layout -> per-document SDPA on the CPU, varlen_attn (FlashAttention-2) on CUDA.
 - today:   the same model with attention swapped for `dense_mask_attention` (a (B, 1, T, T) mask).
-- hf:      transformers + peft, SDPA, `position_ids` only. transformers 5 does not separate the
-           documents from position_ids with SDPA (it runs plain causal over the row): a cost floor,
-           not the same maths.
+- hf:      transformers + peft, SDPA, `position_ids` only and use_cache=False (as training recipes
+           set; with a cache transformers skips its detection of packed rows and runs plain causal
+           attention over the row). Whether the documents were then kept apart is checked on the
+           same model and batch (a document of the packed row vs that document alone) and shown
+           in the row's status ("docs apart" / "docs NOT apart": then a cost floor, not our maths).
 - hf-mask: transformers + peft, SDPA, with a 4-d additive document mask (the same maths as ours).
 
     python benchmarks/bench_attention.py                 # CUDA: full shapes, T up to 32k
@@ -189,11 +191,17 @@ def measure(step, device) -> tuple[float, float | None]:
     return sec, None if base is None else (_rss_kib("VmHWM") - base) / 1024
 
 
-def prepare(impl: str, cfg: dict, b: dict, args, device, dtype):
-    """The step function of one implementation on batch b."""
+def prepare(impl: str, cfg: dict, b: dict, args, device, dtype, rows: list[list[int]] | None = None,
+            out: dict | None = None):
+    """The step function of one implementation on batch b (for an hf row, whether it keeps the
+    documents of `rows` apart goes into out["docs_apart"])."""
     model = (build_hf if impl.startswith("hf") else build_ours)(cfg, dtype, device, args.ckpt)
     g = torch.randn(1, b["ids"].shape[1], cfg["hidden_size"], generator=torch.Generator().manual_seed(1)).to(device, dtype)
     mask = hf_mask(b, dtype) if impl == "hf-mask" else None
+    if impl.startswith("hf") and rows is not None and out is not None:
+        with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
+            out["docs_apart"] = hf_documents_apart(model, b, rows, mask)
+        out["status"] += "; docs apart" if out["docs_apart"] else "; docs NOT apart (plain causal)"
 
     def dense(q, k, v, *, window, layout, cache=None, layer=0):
         return dense_mask_attention(q, k, v, b["doc"], window)
@@ -205,7 +213,7 @@ def prepare(impl: str, cfg: dict, b: dict, args, device, dtype):
         try:
             with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
                 if impl.startswith("hf"):
-                    kw = dict(input_ids=b["ids"], position_ids=b["pos"])
+                    kw = dict(input_ids=b["ids"], position_ids=b["pos"], use_cache=False)
                     if mask is not None:
                         kw["attention_mask"] = mask
                     h = model.get_base_model().model(**kw).last_hidden_state
@@ -217,6 +225,24 @@ def prepare(impl: str, cfg: dict, b: dict, args, device, dtype):
         finally:
             A.attend = original
     return step
+
+
+def hf_documents_apart(model, b: dict, rows: list[list[int]], mask: torch.Tensor | None) -> bool:
+    """Does the hf row keep documents apart? The hidden states of row 0's second document within
+    the packed row (the hf call of `prepare`) against the same document run alone."""
+    if len(rows[0]) < 2:
+        return True  # one document: nothing to keep apart
+    s, n = rows[0][0], rows[0][1]
+    base = model.get_base_model().model
+    kw = dict(input_ids=b["ids"][:1], position_ids=b["pos"][:1], use_cache=False)
+    if mask is not None:
+        kw["attention_mask"] = mask[:1]
+    with torch.no_grad():
+        packed = base(**kw).last_hidden_state[0, s:s + n].float()
+        alone = base(input_ids=b["ids"][:1, s:s + n], position_ids=b["pos"][:1, s:s + n],
+                     use_cache=False).last_hidden_state[0].float()
+    tol = 1e-3 if packed.dtype == torch.float32 and b["ids"].device.type == "cpu" else 5e-2
+    return bool(((packed - alone).abs().max() / alone.abs().max().clamp_min(1e-6)) < tol)
 
 
 def run(shape: str, impls: list[str], T: int, mix: str, args, device, dtype) -> list[dict]:
@@ -234,7 +260,7 @@ def run(shape: str, impls: list[str], T: int, mix: str, args, device, dtype) -> 
         steps = {}
         for i in group:
             try:
-                steps[i] = prepare(i, cfg, b, args, device, dtype)
+                steps[i] = prepare(i, cfg, b, args, device, dtype, rows, out[i])
             except ImportError as e:
                 out[i]["status"] = f"skipped: {e.name or e} not installed"
         times: dict[str, list] = {i: [] for i in steps}

@@ -18,6 +18,9 @@ Rows, for each shape and for gradient checkpointing off and on (`--ckpt`):
 - ours-lora / ours-qlora (NF4 base), padded and packed: `trainer.forward_loss`, the `train`
   command's own loss path (Batch.model_inputs: layout, positions; chunked CE on the collator's
   label_index).
+- ours-lora-compiled (only when asked for: compiling takes minutes on a CPU): ours-lora with
+  `Transformer.compile_blocks()` (inductor), what `train --compile` runs; compiled during the
+  untimed steps (the saved-bytes figures are then those of the compiled graphs).
 - hf-peft-lora (and hf-peft-qlora, bitsandbytes NF4, where it is installed; on the CPU only when
   asked for), padded: no attention mask (pads are at the end, labels -100 there, and causal
   attention never lets a real token see a later pad), so SDPA takes its is_causal kernels. A
@@ -129,7 +132,7 @@ SHAPES = {  # config.json fields of the real checkpoints (reference/checkpoints.
                  rms_norm_eps=1e-5, tie_word_embeddings=False),
 }
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
-IMPLS = ("ours-lora", "ours-qlora", "hf-peft-lora", "hf-peft-qlora")
+IMPLS = ("ours-lora", "ours-qlora", "ours-lora-compiled", "hf-peft-lora", "hf-peft-qlora")
 SYNC_OPS = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique")
 
 
@@ -269,6 +272,8 @@ def build_ours(name: str, shape: dict, sd: dict, device, dtype, amp) -> Impl:
     torch.manual_seed(0)
     md.apply_lora(model, md.LoraConfig(r=16, alpha=16), verbose=False)
     model.train()
+    if name == "ours-lora-compiled":
+        model.compile_blocks()  # inductor; compiled during the first (untimed) measurement step
     run = SimpleNamespace(cfg=TrainConfig(), device=device, amp=amp, forward_model=model, model=model, kd=None)
 
     def loss(b, layout, num_items):
@@ -804,7 +809,7 @@ def main() -> None:
                    "to L blocks; NAME@T gives it rows of T tokens instead of --seqs, NAME@TxS also S samples a "
                    "step); default smollm2-135m,phi-4-mini:2@128x2 on the CPU, phi-4-mini,llama-3.1-8b on CUDA")
     p.add_argument("--impls", default=None, help="comma list of " + ", ".join(IMPLS) + " (default: all but "
-                   "hf-peft-qlora on the CPU, all on CUDA)")
+                   "ours-lora-compiled and hf-peft-qlora on the CPU, all but ours-lora-compiled on CUDA)")
     p.add_argument("--layouts", default="padded,packed")
     p.add_argument("--ckpt", default=None, help="gradient checkpointing: comma list of off, on (default both on "
                    "the CPU, on on CUDA)")
@@ -840,7 +845,8 @@ def main() -> None:
                         steps=1, warmup=0, train_cmd=False, train_model="tiny", train_seq=256, train_steps=2,
                         train_records=16, train_repeats=4)
     elif cuda:
-        defaults = dict(models="phi-4-mini,llama-3.1-8b", impls=",".join(IMPLS), ckpt="on", seqs="2048,8192",
+        defaults = dict(models="phi-4-mini,llama-3.1-8b", impls=",".join(i for i in IMPLS if "compiled" not in i),
+                        ckpt="on", seqs="2048,8192",
                         samples=2, steps=5, warmup=0, train_cmd=False)
     else:
         defaults = dict(models="smollm2-135m,phi-4-mini:2@128x2", impls="ours-lora,ours-qlora,hf-peft-lora",

@@ -125,7 +125,7 @@ def rows_layout(B: int, T: int, device: torch.device | str) -> DocLayout:
     return DocLayout(
         shape=(B, T), lengths=(T,) * B, cu_seqlens=torch.arange(0, B * T + 1, T, dtype=torch.int32, device=device),
         max_seqlen=T, num_tokens=B * T, token_index=None,
-        doc_index=torch.arange(B, dtype=torch.int32, device=device).repeat_interleave(T),
+        doc_index=torch.arange(B, dtype=torch.int32, device=device).repeat_interleave(T, output_size=B * T),
         doc_len=torch.full((B, T), T, dtype=torch.int64, device=device), one_per_row=True)
 
 
@@ -145,7 +145,9 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, window: int | None, layout: DocLa
         return _causal(q, k, v)
     if layout is None:
         layout = rows_layout(B, T, q.device)
-    if layout.num_tokens == 0:  # an empty batch: nothing real to attend, keep every input in the graph
+    # An empty batch: nothing real to attend, keep every input in the graph. (Read from a tensor's
+    # size, not num_tokens: a compiled block would specialise on that int and recompile per batch.)
+    if layout.cu_seqlens.shape[0] == 1:
         return _causal(q, k, v)
     if q.is_cuda and q.dtype == torch.float32 and torch.is_autocast_enabled("cuda"):
         q, k, v = (t.to(torch.get_autocast_dtype("cuda")) for t in (q, k, v))  # what SDPA does under autocast
@@ -228,7 +230,7 @@ def choose_kernel(q: Tensor) -> str:
         name = "flex"
     else:
         name = "per-document"
-    if name not in _LOGGED:
+    if name not in _LOGGED and not torch.compiler.is_compiling():  # logging would break a compiled graph
         _LOGGED.add(name)
         log.info("packed attention: %s kernel (%s, %s, head_dim %d)", name, q.device.type, q.dtype, hd)
     return name
@@ -271,7 +273,13 @@ def per_document_attention(q: Tensor, k: Tensor, v: Tensor, layout: DocLayout, w
     """SDPA over segments of the flattened tokens: a document longer than `tile` alone (causal, or
     in blocks of `tile` queries over the keys of its window), shorter ones grouped into tiles of up
     to `tile` tokens with a (tile, tile) document + causal mask. The largest tensor besides q, k, v
-    is tile x (tile + window): nothing grows with the square of the row."""
+    is tile x (tile + window): nothing grows with the square of the row.
+
+    Under torch.compile the same maths runs as one opaque op (`minidistill::doc_attention_fwd`), so
+    that a compiled block neither unrolls the plan nor recompiles when the documents change."""
+    if torch.compiler.is_compiling() and q.device.type == "cpu":
+        return torch.ops.minidistill.doc_attention_fwd(q, k, v, layout.cu_seqlens, -1 if window is None else window,
+                                                      tile)[0]
     key = ("segments", window, tile)
     if key not in layout.plans:
         layout.plans[key] = _segments(layout.lengths, window, tile, q.device)
@@ -305,7 +313,7 @@ def _segments(lengths: Sequence[int], window: int | None, tile: int,
         if len(group) == 1 and (window is None or window >= group[0]):
             segs.append((group[0], 0, None))
         elif group:
-            doc = torch.repeat_interleave(torch.arange(len(group)), torch.tensor(group))  # (L,)
+            doc = torch.repeat_interleave(torch.arange(len(group)), torch.tensor(group), output_size=sum(group))  # (L,)
             idx = torch.arange(len(doc))
             m = (doc[:, None] == doc[None, :]) & (idx[None, :] <= idx[:, None])  # (L, L)
             if window is not None:
@@ -334,6 +342,92 @@ def _segments(lengths: Sequence[int], window: int | None, tile: int,
             total += n
     flush()
     return segs
+
+
+# The CPU per-document kernel as a custom op, for compiled blocks: the graph holds one call, the
+# plan is made from cu_seqlens inside (a host read, free on the CPU). Each segment runs the CPU
+# flash kernel, which returns its logsumexp, so backward runs that kernel's backward: no recompute.
+
+@lru_cache(maxsize=64)
+def _plan(lengths: tuple[int, ...], window: int | None, tile: int, device: str) -> list:
+    return _segments(lengths, window, tile, torch.device(device))
+
+
+def _op_plan(q: Tensor, cu_seqlens: Tensor, window: int, tile: int):
+    lengths = tuple(int(n) for n in cu_seqlens.diff().tolist())
+    plan = _plan(lengths, None if window < 0 else window, tile, str(q.device))
+    neg = torch.finfo(q.dtype).min  # additive masks in q's dtype, what the flash kernel takes
+    return [(L, back, None if m is None else torch.zeros(m.shape, dtype=q.dtype, device=q.device)
+             .masked_fill_(~m, neg)[None, None]) for L, back, m in plan]
+
+
+def _pieces(t: Tensor, plan) -> tuple[Tensor, ...]:
+    return t.transpose(0, 1).split([L for L, _, _ in plan], dim=1)  # pieces (h, L, hd)
+
+
+@torch.library.custom_op("minidistill::doc_attention_fwd", mutates_args=())
+def _doc_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, window: int,
+                       tile: int) -> tuple[Tensor, Tensor]:
+    """per_document_attention over documents cu_seqlens (window -1: none) -> out (n, nh, hd)
+    and the softmax logsumexp (nh, n)."""
+    plan = _op_plan(q, cu_seqlens, window, tile)
+    qs, ks, vs = (_pieces(t, plan) for t in (q, k, v))
+    out, lse = [], []
+    for i, (_, back, mask) in enumerate(plan):
+        kk = ks[i] if back == 0 else torch.cat(ks[i - back: i + 1], dim=1)  # (n_kv, keys, hd)
+        vv = vs[i] if back == 0 else torch.cat(vs[i - back: i + 1], dim=1)
+        o, m = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qs[i][None], kk[None], vv[None], 0.0, mask is None, attn_mask=mask)  # (1, nh, L, hd), (1, nh, L)
+        out.append(o[0])
+        lse.append(m[0])
+    return torch.cat(out, dim=1).transpose(0, 1).contiguous(), torch.cat(lse, dim=1)
+
+
+@_doc_attention_fwd.register_fake
+def _(q, k, v, cu_seqlens, window, tile):
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("minidistill::doc_attention_bwd", mutates_args=())
+def _doc_attention_bwd(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Tensor,
+                       window: int, tile: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of q, k, v of doc_attention_fwd for `grad` of its output."""
+    plan = _op_plan(q, cu_seqlens, window, tile)
+    qs, ks, vs, gs, os_ = (_pieces(t, plan) for t in (q, k, v, grad, out))
+    ls = lse.split([L for L, _, _ in plan], dim=1)
+    gq, gk, gv = [], [torch.zeros_like(t) for t in ks], [torch.zeros_like(t) for t in vs]
+    for i, (_, back, mask) in enumerate(plan):
+        kk = ks[i] if back == 0 else torch.cat(ks[i - back: i + 1], dim=1)  # (n_kv, keys, hd)
+        vv = vs[i] if back == 0 else torch.cat(vs[i - back: i + 1], dim=1)
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            gs[i][None].contiguous(), qs[i][None], kk[None], vv[None], os_[i][None], ls[i][None], 0.0, mask is None,
+            attn_mask=mask)
+        gq.append(dq[0])
+        sizes = [t.shape[1] for t in ks[i - back: i + 1]]
+        for j, (a, b) in enumerate(zip(dk[0].split(sizes, dim=1), dv[0].split(sizes, dim=1))):  # keys of earlier pieces
+            gk[i - back + j] += a
+            gv[i - back + j] += b
+    return tuple(torch.cat(g, dim=1).transpose(0, 1).contiguous() for g in (gq, gk, gv))
+
+
+@_doc_attention_bwd.register_fake
+def _(grad, q, k, v, out, lse, cu_seqlens, window, tile):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _doc_attention_setup(ctx, inputs, output):
+    q, k, v, cu_seqlens, window, tile = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], cu_seqlens)
+    ctx.window, ctx.tile = window, tile
+
+
+def _doc_attention_grad(ctx, grad, grad_lse):
+    q, k, v, out, lse, cu = ctx.saved_tensors
+    gq, gk, gv = torch.ops.minidistill.doc_attention_bwd(grad, q, k, v, out, lse, cu, ctx.window, ctx.tile)
+    return gq, gk, gv, None, None, None
+
+
+_doc_attention_fwd.register_autograd(_doc_attention_grad, setup_context=_doc_attention_setup)
 
 
 KERNELS: dict[str, Callable] = {"varlen": varlen_attention, "flex": flex_attention_packed,

@@ -13,7 +13,11 @@ The LoRA branch (`_LoRAFunction`): A and B stay fp32 master weights, the matmuls
 compute dtype (autocast's inside autocast, else the input's), and backward keeps only what it
 needs: the input once (for A's gradient), x @ A^T (r wide, for B's), and references to the
 frozen weights; the base needs no saved input. Projections reading the same input (q/k/v,
-gate/up) run one A matmul through `LoRALinear.group_forward`.
+gate/up) run one A matmul through `LoRALinear.group_forward`. Two prologues go further: given
+the block's RMSNorm, `group_forward` runs the norm inside the function and saves only the
+norm's input (which the norm's own backward needs anyway), not also its output; and
+`swiglu_forward` takes gate and up for the down projection and rebuilds silu(gate) * up in
+backward (fused.py holds the maths).
 """
 
 from __future__ import annotations
@@ -28,9 +32,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .cli import flag_field
+from .fused import rms_norm_apply, rms_norm_backward, rms_norm_forward, swiglu, swiglu_backward
 from .new_tokens import merge_token_rows
-from .quant import (NF4Linear, NF4State, dense_linear, dequantize_nf4, nf4_linear, nf4_matmul_weight, nf4_state_of,
-                    register_nf4_weight)
+from .quant import (NF4Linear, NF4State, dense_linear, dequantize_nf4, nf4_linear, nf4_matmul, nf4_matmul_weight,
+                    nf4_state_of, register_nf4_weight)
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
@@ -63,39 +68,64 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 
 
 class _LoRAFunction(torch.autograd.Function):
-    """y_i = base_i(x) + s_i * (xl @ A_i^T) @ B_i^T for LoRA layers i reading the same x, where
-    xl = dropout(x) or x itself; x, xl already in `cdt`, every matmul in `cdt`, one A matmul for
-    all layers ([A_0; A_1; ...], split by rank).
+    """y_i = base_i(x) + s_i * (xl @ A_i^T) @ B_i^T for LoRA layers i reading the same x, every
+    matmul in `cdt`, one A matmul for all layers ([A_0; A_1; ...], split by rank).
 
-    Saved: xl (A's gradient) and a = xl @ A^T (r wide, B's gradient); the frozen base weights by
-    reference (an NF4 base is decoded again in backward). Inputs after `xl`: (W, b, A, B) per layer.
+    x comes from `kind` and the inputs p0, p1:
+    - None: x = p0 (already in cdt); xl = p1 (the dropout output) or, when p1 is None, x itself.
+      Saved: xl, for A's gradient.
+    - "rmsnorm": x = xl = rmsnorm(p0; weight p1, `eps`) in cdt, the block's norm run here so
+      that its output is never saved: p0 and 1/rms are, and x is rebuilt in backward.
+    - "swiglu": x = xl = silu(p0) * p1 in cdt (the MLP's down projection); saved: p0 and p1,
+      which plain autograd would keep anyway, instead of x.
+    Also saved: a = xl @ A^T (r wide, B's gradient), the frozen base weights by reference (an NF4
+    base is decoded again in backward). Inputs after p1: (W, b, A, B) per layer.
     """
 
     @staticmethod
-    def forward(ctx, mods: tuple, cdt: torch.dtype, x: Tensor, xl: Tensor, *weights: Tensor | None):
+    def forward(ctx, mods: tuple, cdt: torch.dtype, kind: str | None, eps: float, p0: Tensor, p1: Tensor | None,
+                *weights: Tensor | None):
         W, b, A, B = weights[0::4], weights[1::4], weights[2::4], weights[3::4]
+        rstd = None
+        if kind == "rmsnorm":
+            h, rstd = rms_norm_forward(p0, p1, eps)
+            x = xl = h.to(cdt)
+        elif kind == "swiglu":
+            x = xl = (F.silu(p0) * p1).to(cdt)
+        else:
+            x, xl = p0, p0 if p1 is None else p1
         a = F.linear(xl, torch.cat([t.to(cdt) for t in A]))  # (..., sum r_i)
         a2 = a.view(-1, a.shape[-1])  # (N, sum r_i)
         outs, lo = [], 0
         for m, w, bias, Bi in zip(mods, W, b, B):
-            y = F.linear(x, m._dense_base(w, cdt), None if bias is None else bias.to(cdt))  # (..., out_i)
+            y = m._base_matmul(x, w, None if bias is None else bias.to(cdt), cdt)  # (..., out_i)
             hi = lo + Bi.shape[1]
             # In place, scale folded into the (out_i, r_i) B: no (N, out_i) temporaries.
             y.view(-1, y.shape[-1]).addmm_(a2[:, lo:hi], (Bi * m.scaling).to(cdt).t())
             outs.append(y)
             lo = hi
-        need = ctx.needs_input_grad[4:]
-        ctx.mods, ctx.cdt, ctx.same, ctx.x_shape = mods, cdt, xl is x, x.shape
-        ctx.save_for_backward(xl if any(need[2::4]) else None, a if any(need[3::4]) else None, *weights)
+        need = ctx.needs_input_grad[6:]
+        ctx.mods, ctx.cdt, ctx.kind, ctx.x_shape = mods, cdt, kind, x.shape
+        if kind == "rmsnorm":
+            keep = (p0, p1, rstd)
+        elif kind == "swiglu":
+            keep = (p0, p1)
+        else:
+            keep = (xl if any(need[2::4]) else None,)
+        ctx.n_keep = len(keep)
+        ctx.save_for_backward(*keep, a if any(need[3::4]) else None, *weights)
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads: Tensor):
-        xl, a, *weights = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        keep, a, weights = saved[:ctx.n_keep], saved[ctx.n_keep], saved[ctx.n_keep + 1:]
         W, A, B = weights[0::4], weights[2::4], weights[3::4]
-        mods, cdt, same = ctx.mods, ctx.cdt, ctx.same
-        need_x, need_xl = ctx.needs_input_grad[2:4]
-        need = ctx.needs_input_grad[4:]
+        mods, cdt, kind = ctx.mods, ctx.cdt, ctx.kind
+        need_p0, need_p1 = ctx.needs_input_grad[4:6]
+        need = ctx.needs_input_grad[6:]
+        has_xl = kind is None and need_p1  # a separate dropout output with its own gradient
+        need_x = need_p0 if kind is None else (need_p0 or need_p1)
         gx, ga, per_layer = None, [], []
         lo = 0
         for i, (m, g, w, Bi) in enumerate(zip(mods, grads, W, B)):
@@ -114,18 +144,30 @@ class _LoRAFunction(torch.autograd.Function):
         ga = torch.cat(ga, dim=1) if len(ga) > 1 else ga[0]  # (N, sum r_i)
         gA = [None] * len(mods)
         if any(need[2::4]):
+            if kind == "rmsnorm":
+                xl = rms_norm_apply(keep[0], keep[1], keep[2]).to(cdt)  # the norm's output again
+            elif kind == "swiglu":
+                xl = (F.silu(keep[0]) * keep[1]).to(cdt)
+            else:
+                xl = keep[0]
             gA_cat = ga.t() @ xl.reshape(-1, xl.shape[-1])  # (sum r_i, in)
             gA = [t.to(Ai.dtype) for t, Ai in zip(gA_cat.split([Ai.shape[0] for Ai in A]), A)]
-        gxl = None
-        if need_xl:  # (when xl is x, need_xl == need_x and gx holds the base part)
+        g0 = g1 = None
+        if has_xl or need_x:
             A_cat = torch.cat([t.to(cdt) for t in A])  # (sum r_i, in)
-            if same:  # one gradient for x, accumulated in place
-                gx.addmm_(ga, A_cat)
-            else:
-                gxl = (ga @ A_cat).view(ctx.x_shape)
-        if gx is not None:
+            if has_xl:
+                g1 = (ga @ A_cat).view(ctx.x_shape)
+            else:  # xl is x: one gradient, accumulated in place
+                gx = ga @ A_cat if gx is None else gx.addmm_(ga, A_cat)
+        if need_x:
             gx = gx.view(ctx.x_shape)
-        out = [None, None, gx, gxl]
+            if kind == "rmsnorm":
+                g0, g1 = rms_norm_backward(gx, keep[0], keep[1], keep[2], need_p1)
+            elif kind == "swiglu":
+                g0, g1 = swiglu_backward(gx, keep[0], keep[1])
+            else:
+                g0 = gx
+        out = [None, None, None, None, g0 if need_p0 else None, g1 if need_p1 else None]
         for (gb, gB), gAi in zip(per_layer, gA):
             out += [None, gb, gAi, gB]
         return tuple(out)
@@ -172,6 +214,10 @@ class LoRALinear(nn.Module):
         """The base weight (out, in) in `dtype` for one matmul; `weight` is this layer's `weight`."""
         return weight.to(dtype)
 
+    def _base_matmul(self, x: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
+        """x @ base^T + bias in `dtype` (x and bias already in it): the forward's base matmul."""
+        return F.linear(x, self._dense_base(weight, dtype), bias)
+
     def delta_weight(self) -> Tensor:
         """B @ A * scaling in fp32, (out, in)."""
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
@@ -196,21 +242,36 @@ class LoRALinear(nn.Module):
             y = self.base_forward(x)
             return y + (F.linear(a, self.lora_B.weight.to(cdt)) * self.scaling).to(y.dtype)
         x = x.to(cdt)  # one cast (none when x is already in cdt), shared by base and A
-        return _LoRAFunction.apply((self,), cdt, x, self.dropout(x), *self._function_inputs())[0]
+        xl = self.dropout(x)
+        xl = None if xl is x else xl  # no dropout: x passed once (a tensor twice breaks a compiled graph)
+        return _LoRAFunction.apply((self,), cdt, None, 0.0, x, xl, *self._function_inputs())[0]
+
+    group_takes_norm = True  # model.linear_group may hand group_forward the norm before the group
 
     @staticmethod
-    def group_forward(x: Tensor, mods: Sequence[nn.Module]) -> list[Tensor]:
-        """[m(x) for m in mods], with one A matmul and one saved x for LoRA layers sharing x.
+    def group_forward(x: Tensor, mods: Sequence[nn.Module], norm: nn.Module | None = None) -> list[Tensor]:
+        """[m(x) for m in mods] (or [m(norm(x)) ...]), with one A matmul for LoRA layers sharing x.
 
-        Falls back to one call per module when the group is mixed (a plain or merged linear,
-        active dropout, an unfrozen base); the results are the same either way.
+        With `norm` (an RMSNorm: `weight`, `eps`) the norm runs inside the LoRA function, which
+        saves norm's input instead of its output. Falls back to one call per module when the
+        group is mixed (a plain or merged linear, active dropout, an unfrozen base); the results
+        are the same either way.
         """
-        if len(mods) < 2 or not all(_fusable(m) for m in mods):
+        if not all(_fusable(m) for m in mods) or (norm is None and len(mods) < 2):
+            x = x if norm is None else norm(x)
             return [m(x) for m in mods]
         cdt = compute_dtype(x)
-        x = x.to(cdt)
         inputs = [t for m in mods for t in m._function_inputs()]
-        return list(_LoRAFunction.apply(tuple(mods), cdt, x, x, *inputs))
+        if norm is not None:
+            return list(_LoRAFunction.apply(tuple(mods), cdt, "rmsnorm", norm.eps, x, norm.weight, *inputs))
+        return list(_LoRAFunction.apply(tuple(mods), cdt, None, 0.0, x.to(cdt), None, *inputs))
+
+    def swiglu_forward(self, gate: Tensor, up: Tensor) -> Tensor:
+        """self(silu(gate) * up), saving gate and up but not their product (rebuilt in backward)."""
+        if not _fusable(self):
+            return self(swiglu(gate, up))
+        return _LoRAFunction.apply((self,), compute_dtype(gate), "swiglu", 0.0, gate, up,
+                                   *self._function_inputs())[0]
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, scaling={self.scaling:g}, merged={self.merged}"
@@ -239,6 +300,9 @@ class NF4LoRALinear(LoRALinear):
 
     def _dense_base(self, weight: Tensor, dtype: torch.dtype) -> Tensor:
         return nf4_matmul_weight(weight, self.state, dtype)  # valid until the next decode: used at once
+
+    def _base_matmul(self, x: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
+        return nf4_matmul(x, weight, self.state, bias)  # few rows on CUDA: the 4-bit matvec kernel
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         """The base weight [out, in] decoded to `dtype` (default: the original weight's)."""

@@ -1,25 +1,23 @@
-"""One decoder for every supported family (Llama, Mistral, Qwen2, Phi-3/Phi-4).
+"""One decoder for every supported family (Llama, Mistral, Qwen2, Qwen3, Phi-3/Phi-4).
 
 Module names mirror the Hugging Face checkpoint names (`model.layers.3.self_attn.qkv_proj`,
 `lm_head`, ...), so a checkpoint loads with a plain `load_state_dict(assign=True)` and a
-PEFT adapter's keys map one to one. Families differ by config flags only. RoPE uses the
-HF rotate-half layout, which HF checkpoints are stored for: no weight permutation.
+PEFT adapter's keys map one to one. Families differ by config flags only. RoPE (rope.py) uses
+the HF rotate-half layout, which HF checkpoints are stored for: no weight permutation.
 Attention itself is `attention.attend`, which picks the kernel from the batch (packed rows,
 windows, KV cache); packed rows come with a `DocLayout` built on the host by the collator.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from . import attention
+from . import attention, fused
 from .attention import DocLayout
 from .config import ModelConfig
+from .rope import Rotary, apply_rotary
 
 
 class RMSNorm(nn.Module):
@@ -29,87 +27,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        # Normalise in fp32, cast back, then scale: the order HF uses (matters in bf16).
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
-
-
-class Rotary(nn.Module):
-    """cos/sin tables for default, llama3-scaled and Phi-3 LongRoPE rotary embeddings.
-
-    The inverse frequencies are derived from the config on first use per device (they are
-    never stored in checkpoints, and the model is built on the meta device).
-    """
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.cfg = cfg
-        self._inv_freq: dict[tuple[str, bool], Tensor] = {}
-
-    def inv_freq(self, device: torch.device, long: bool) -> Tensor:
-        key = (str(device), long)
-        if key not in self._inv_freq:
-            self._inv_freq[key] = _inv_freq(self.cfg, long).to(device)
-        return self._inv_freq[key]
-
-    def forward(self, positions: Tensor, dtype: torch.dtype, seq_len: int | Tensor) -> tuple[Tensor, Tensor]:
-        """positions (B, T) -> cos, sin (B, T, rotary_dim) in `dtype`.
-
-        seq_len: the length of the sequence each token belongs to, an int for the whole batch or
-        a tensor broadcastable to (B, T). LongRoPE takes the long factors for a token whose
-        sequence is longer than the original context. In packed rows that is each document's own
-        length, the choice it gets when run alone (at inference), made per token with
-        torch.where and no host sync; transformers instead decides once from the largest
-        position in the batch, so a short document packed beside a long one gets the long
-        factors there (tests/test_model.py shows the difference).
-        """
-        cfg = self.cfg
-        pos = positions.float()[..., None]  # (B, T, 1)
-        if cfg.rope_type != "longrope":
-            freqs = pos * self.inv_freq(positions.device, False)  # (B, T, rotary_dim/2)
-        elif isinstance(seq_len, int):
-            freqs = pos * self.inv_freq(positions.device, seq_len > cfg.original_max_position_embeddings)
-        else:
-            long = (seq_len > cfg.original_max_position_embeddings)[..., None]  # (B, T, 1) or (B, 1, 1)
-            freqs = torch.where(long, pos * self.inv_freq(positions.device, True),
-                                pos * self.inv_freq(positions.device, False))
-        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, rotary_dim)
-        return (emb.cos() * cfg.attention_factor).to(dtype), (emb.sin() * cfg.attention_factor).to(dtype)
-
-
-def _inv_freq(cfg: ModelConfig, long: bool) -> Tensor:
-    d = cfg.rotary_dim
-    exponent = torch.arange(0, d, 2, dtype=torch.int64).float() / d  # denominator is rotary_dim
-    if cfg.rope_type == "longrope":
-        ext = torch.tensor(cfg.long_factor if long else cfg.short_factor, dtype=torch.float32)
-        return 1.0 / (ext * cfg.rope_theta**exponent)
-    inv = 1.0 / (cfg.rope_theta**exponent)
-    if cfg.rope_type == "llama3":
-        old_len = cfg.original_max_position_embeddings
-        low_wl, high_wl = old_len / cfg.low_freq_factor, old_len / cfg.high_freq_factor
-        wl = 2 * math.pi / inv
-        scaled = torch.where(wl > low_wl, inv / cfg.rope_factor, inv)
-        smooth = (old_len / wl - cfg.low_freq_factor) / (cfg.high_freq_factor - cfg.low_freq_factor)
-        smoothed = (1 - smooth) * scaled / cfg.rope_factor + smooth * scaled
-        medium = (wl >= high_wl) & (wl <= low_wl)
-        inv = torch.where(medium, smoothed, scaled)
-    return inv
-
-
-def _rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x (B, T, nh, hd); cos/sin (B, T, rd). Rotates dims [0, rd), passes the rest through."""
-    rd = cos.shape[-1]
-    cos, sin = cos[:, :, None], sin[:, :, None]  # (B, T, 1, rd)
-    if rd == x.shape[-1]:
-        return x * cos + _rotate_half(x) * sin
-    x_rot, x_pass = x[..., :rd], x[..., rd:]
-    return torch.cat((x_rot * cos + _rotate_half(x_rot) * sin, x_pass), dim=-1)
+        # Normalise in fp32, cast back, then scale: the order HF uses (matters in bf16). Saves x
+        # and 1/rms only (fused.py), not an fp32 copy of x.
+        return fused.rms_norm(x, self.weight, self.eps)
 
 
 class KVCache:
@@ -137,11 +57,24 @@ class KVCache:
         self.pos = 0
 
 
-def linear_group(x: Tensor, mods) -> list[Tensor]:
-    """Apply linears that share one input x; returns a list of outputs. A hook for layers that do
-    better together (LoRA: one A matmul for all of them) through a `group_forward(x, mods)`."""
+def linear_group(x: Tensor, mods, norm: nn.Module | None = None) -> list[Tensor]:
+    """Apply linears that share one input, x or norm(x); returns a list of outputs. A hook for
+    layers that do better together (LoRA: one A matmul for all of them) through a
+    `group_forward(x, mods)`; one whose class sets `group_takes_norm` gets the norm too
+    (`group_forward(x, mods, norm=norm)`, LoRA: the norm's output is then never saved)."""
     f = getattr(mods[0], "group_forward", None)
-    return f(x, mods) if f is not None and len(mods) > 1 else [m(x) for m in mods]
+    if norm is not None and not (f is not None and getattr(mods[0], "group_takes_norm", False)):
+        x, norm = norm(x), None
+    if norm is None and (f is None or len(mods) < 2):
+        return [m(x) for m in mods]
+    return f(x, mods) if norm is None else f(x, mods, norm=norm)
+
+
+def swiglu_linear(gate: Tensor, up: Tensor, down: nn.Module) -> Tensor:
+    """down(silu(gate) * up); a LoRA `down` (its `swiglu_forward`) keeps gate and up but not the
+    product, plain layers keep gate and up (fused.swiglu) and the product (their input)."""
+    f = getattr(down, "swiglu_forward", None)
+    return f(gate, up) if f is not None else down(fused.swiglu(gate, up))
 
 
 class Attention(nn.Module):
@@ -158,16 +91,24 @@ class Attention(nn.Module):
             self.k_proj = nn.Linear(cfg.hidden_size, kv_out, bias=cfg.attention_bias)
             self.v_proj = nn.Linear(cfg.hidden_size, kv_out, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(q_out, cfg.hidden_size, bias=cfg.o_proj_bias)
+        if cfg.qk_norm:  # Qwen3: RMSNorm over each head's q and k (weights of size head_dim), before RoPE
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, layout: DocLayout | None, cache: KVCache | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, layout: DocLayout | None, cache: KVCache | None,
+                norm: nn.Module | None = None) -> Tensor:
+        """Attention of x, or of norm(x) when `norm` is given (as MLP.forward: LoRA projections run
+        the norm themselves and do not save its output)."""
         B, T, _ = x.shape
         if hasattr(self, "qkv_proj"):
             q_out, kv_out = self.n_heads * self.head_dim, self.n_kv * self.head_dim
-            q, k, v = self.qkv_proj(x).split((q_out, kv_out, kv_out), dim=-1)  # Q rows, then K, then V
+            q, k, v = linear_group(x, (self.qkv_proj,), norm)[0].split((q_out, kv_out, kv_out), dim=-1)  # Q, K, V rows
         else:
-            q, k, v = linear_group(x, (self.q_proj, self.k_proj, self.v_proj))
-        q = apply_rotary(q.view(B, T, self.n_heads, self.head_dim), cos, sin)  # (B, T, nh, hd)
-        k = apply_rotary(k.view(B, T, self.n_kv, self.head_dim), cos, sin)  # (B, T, n_kv, hd)
+            q, k, v = linear_group(x, (self.q_proj, self.k_proj, self.v_proj), norm)
+        q, k = q.view(B, T, self.n_heads, self.head_dim), k.view(B, T, self.n_kv, self.head_dim)  # (B, T, nh|n_kv, hd)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         v = v.view(B, T, self.n_kv, self.head_dim)  # (B, T, n_kv, hd)
         y = attention.attend(q, k, v, window=self.window, layout=layout, cache=cache, layer=self.layer_idx)
         return self.o_proj(y.reshape(B, T, self.n_heads * self.head_dim))
@@ -184,12 +125,14 @@ class MLP(nn.Module):
             self.up_proj = nn.Linear(H, I, bias=bias)
         self.down_proj = nn.Linear(I, H, bias=bias)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, norm: nn.Module | None = None) -> Tensor:
+        """The MLP of x, or of norm(x) when `norm` is given (the block passes its norm so that LoRA
+        projections can run it themselves and not save its output)."""
         if hasattr(self, "gate_up_proj"):
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            gate, up = linear_group(x, (self.gate_up_proj,), norm)[0].chunk(2, dim=-1)  # (..., I) each
         else:
-            gate, up = linear_group(x, (self.gate_proj, self.up_proj))
-        return self.down_proj(F.silu(gate) * up)
+            gate, up = linear_group(x, (self.gate_proj, self.up_proj), norm)
+        return swiglu_linear(gate, up, self.down_proj)
 
 
 class Block(nn.Module):
@@ -201,8 +144,20 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, layout: DocLayout | None, cache: KVCache | None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layout, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.self_attn(x, cos, sin, layout, cache, self.input_layernorm)  # each applies its norm
+        return x + self.mlp(x, self.post_attention_layernorm)
+
+
+def _mark_dynamic(x: Tensor, cos: Tensor, sin: Tensor, layout: DocLayout | None) -> None:
+    """Tell compiled blocks which sizes vary between calls (maybe_: no error where the graph
+    needs a size fixed, e.g. one row)."""
+    for t in (x, cos, sin):
+        torch._dynamo.maybe_mark_dynamic(t, 0)
+        torch._dynamo.maybe_mark_dynamic(t, 1)
+    if layout is not None:
+        for t in (layout.cu_seqlens, layout.token_index, layout.doc_index):
+            if t is not None:
+                torch._dynamo.maybe_mark_dynamic(t, 0)
 
 
 class Decoder(nn.Module):
@@ -224,6 +179,7 @@ class Transformer(nn.Module):
         self.rotary = Rotary(cfg)
         self.gradient_checkpointing = False  # recompute blocks in backward instead of keeping their activations
         self.checkpoint_every = 1  # ... every block (1), or every k-th one: the others keep theirs
+        self.compiled_blocks = False  # set by compile_blocks
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -270,15 +226,35 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(input_ids)  # (B, T, H)
         cos, sin = self.rotary(position_ids, x.dtype, seq_len)
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        if self.compiled_blocks:
+            _mark_dynamic(x, cos, sin, layout)
         for i, block in enumerate(self.model.layers):
             if recompute and i % self.checkpoint_every == 0:
                 x = checkpoint(block, x, cos, sin, layout, cache, use_reentrant=False)
+            elif cache is not None and self.compiled_blocks:  # generation: eager (the cache moves every step)
+                x = block._call_impl(x, cos, sin, layout, cache)  # the module call (hooks), not its compiled code
             else:
                 x = block(x, cos, sin, layout, cache)
         if cache is not None:
             cache.pos += T
         x = self.model.norm(x)
         return x if return_hidden else self.lm_head(x)
+
+    def compile_blocks(self, backend: str = "inductor", dynamic: bool | None = None,
+                       mode: str | None = None) -> "Transformer":
+        """torch.compile every block in place (`nn.Module.compile`: state-dict keys, LoRA swaps and
+        checkpointing are unchanged; the blocks share one compiled graph per distinct window).
+
+        Row length, batch rows and the layout's token counts are marked dynamic on each call (rows
+        are padded to a multiple of 64, so a few lengths occur), so a new length or a new packing
+        does not recompile; packed attention on the CPU is one opaque op (attention.py).
+        Generation (a KV cache) runs the blocks eagerly. `dynamic`, `backend`, `mode`: as
+        torch.compile's ("aot_eager" compiles fast, for tests).
+        """
+        for block in self.model.layers:
+            block.compile(backend=backend, dynamic=dynamic, mode=mode)
+        self.compiled_blocks = True
+        return self
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         p = self.model.embed_tokens.weight

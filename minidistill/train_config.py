@@ -68,6 +68,7 @@ class TrainConfig:
     checkpoint_every: int = flag_field(1, "with --grad-checkpointing: recompute every k-th block only (the others keep their activations: faster, more memory)")
     pad_to_multiple: int = flag_field(64, "round each batch's row length up to a multiple of this (fewer shapes, less allocator fragmentation)")
     activation_offload: bool = flag_field(False, "CUDA: keep the activations saved for backward (the block inputs, with --grad-checkpointing) in pinned host memory")
+    compile: bool = flag_field(False, "torch.compile each block (inductor); the first steps pay the compilation (minutes on a CPU)")
     loss_chunk_mb: float = flag_field(256.0, "memory for the loss's chunk x vocab logits; the chunk rows follow from it and the vocabulary")
     fsdp: bool = flag_field(False, "under torchrun: shard the blocks across processes (FSDP2) instead of replicating (DDP)")
     eval_data: str | None = flag_field(None, "evaluation data (same forms as --data)")

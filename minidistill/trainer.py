@@ -135,6 +135,8 @@ def setup(cfg: TrainConfig) -> Run:
     model.gradient_checkpointing, model.checkpoint_every = cfg.grad_checkpointing, cfg.checkpoint_every
     if cfg.fsdp:
         shard_blocks(model, dtype, device)  # replaces the block parameters: the optimizer comes after
+    if cfg.compile:
+        model.compile_blocks()  # after sharding: FSDP2's hooks stay outside the compiled graphs
     forward_model = model
     if world > 1 and not cfg.fsdp:
         forward_model = torch.nn.parallel.DistributedDataParallel(

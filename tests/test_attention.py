@@ -102,6 +102,11 @@ KERNELS = {
     "per-document": A.per_document_attention,
     "per-document-tile4": functools.partial(A.per_document_attention, tile=4),  # long docs in blocks
     "varlen-call": functools.partial(A.varlen_attention, kernel=varlen_reference),
+    # what compiled blocks run on the CPU: the custom op (flash kernel + its own backward)
+    "doc-attention-op": lambda q, k, v, lay, w: torch.ops.minidistill.doc_attention_fwd(
+        q, k, v, lay.cu_seqlens, -1 if w is None else w, A.TILE)[0],
+    "doc-attention-op-tile4": lambda q, k, v, lay, w: torch.ops.minidistill.doc_attention_fwd(
+        q, k, v, lay.cu_seqlens, -1 if w is None else w, 4)[0],
 }
 
 

@@ -224,7 +224,7 @@ def test_lora_model_gradients_match_plain_reference(tmp_path):
     for n, m in model.named_modules():  # swap every LoRA layer for the plain reference
         if isinstance(m, LoRALinear):
             m.forward = (lambda m: lambda x: plain_reference(m, x))(m)
-            m.group_forward = None
+            m.group_forward = m.swiglu_forward = None  # model.py then runs plain norm, SwiGLU and module calls
     model.zero_grad(set_to_none=True)
     want_loss = model(x).logsumexp(-1).mean()
     want_loss.backward()

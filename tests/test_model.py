@@ -26,6 +26,8 @@ CASES = [
     ("phi3-window", [5, 30]),
     ("qwen2", [9, 60]),
     ("mistral", [5, 40]),
+    ("qwen3", [9, 150]),  # past its 128 positions too
+    ("qwen3-untied", [9, 40]),
 ]
 
 
@@ -81,7 +83,7 @@ def test_dtype_and_tied_head(tmp_path):
     assert model.model.layers[0].self_attn.qkv_proj.weight.shape == ((4 + 2 * 2) * 16, 64)
 
 
-@pytest.mark.parametrize("name", ["llama3", "phi4-mini", "phi3-window", "qwen2"])
+@pytest.mark.parametrize("name", ["llama3", "phi4-mini", "phi3-window", "qwen2", "qwen3"])
 def test_kv_cache_matches_full_forward(tmp_path, name):
     write_checkpoint(tmp_path, name)
     model = md.load_model(tmp_path, dtype=torch.float32)
@@ -154,7 +156,8 @@ def packed(rows, T, seed=7):
 
 # Documents of length 1, one filling its row, padding at the end; with the LongRoPE configs (original
 # context 32) documents on both sides of it; windows (7, 9) shorter than the long documents.
-@pytest.mark.parametrize("name", ["llama3", "phi4-mini", "phi3.5", "phi3-window", "mistral", "qwen2"])
+@pytest.mark.parametrize("name", ["llama3", "phi4-mini", "phi3.5", "phi3-window", "mistral", "qwen2", "qwen3",
+                                  "llama-yarn"])
 def test_packed_rows_match_transformers_per_document(tmp_path, name):
     ref = write_checkpoint(tmp_path, name)
     model = md.load_model(tmp_path, dtype=torch.float32)
@@ -240,3 +243,29 @@ def test_linear_group_hook_gets_projections_sharing_an_input(tmp_path):
     assert torch.allclose(got, want, atol=1e-6)
     single = torch.nn.Linear(4, 3)
     assert torch.equal(linear_group(torch.ones(2, 4), [single])[0], single(torch.ones(2, 4)))
+
+
+# ---------------------------------------------------------------------------- qwen3
+
+def test_qwen3_layout_and_norms_matter(tmp_path):
+    ref = write_checkpoint(tmp_path, "qwen3-untied")
+    model = md.load_model(tmp_path, dtype=torch.float32)
+    attn = model.model.layers[0].self_attn
+    assert attn.q_proj.weight.shape == (4 * 24, 64) and attn.k_proj.weight.shape == (2 * 24, 64)  # head_dim 24
+    assert attn.q_proj.bias is None and attn.o_proj.bias is None
+    assert attn.q_norm.weight.shape == attn.k_norm.weight.shape == (24,)
+    assert torch.equal(attn.k_norm.weight, ref.model.layers[0].self_attn.k_norm.weight)  # hub key names
+    x = ids(20)
+    with torch.no_grad():
+        want = model(x)
+        attn.k_norm.weight.fill_(1.0)  # the norm's weights take part: a check that can fail
+        assert rel_err(model(x), want) > 1e-2
+
+
+def test_qwen3_sliding_window_layers_match_transformers(tmp_path):
+    ref = write_checkpoint(tmp_path, "qwen3", use_sliding_window=True, sliding_window=6, max_window_layers=1)
+    model = md.load_model(tmp_path, dtype=torch.float32)
+    assert [b.self_attn.window for b in model.model.layers] == [None, 6]
+    x = ids(30)
+    with torch.no_grad():
+        assert rel_err(model(x), ref(x).logits) <= 1e-4

@@ -111,3 +111,18 @@ def test_rope_scaling_reaches_the_model_the_merged_config_and_the_adapter_readme
     assert "linear:2" in (out / "adapter" / "README.md").read_text()
     with pytest.raises(ValueError, match="rope"):
         train(config(tiny, tmp_path / "bad", rope_scaling="cubic:2"))
+
+
+def test_compile_flag_compiles_the_blocks_and_trains_as_eager(tiny, tmp_path, monkeypatch):
+    from minidistill.model import Transformer
+
+    real, called = Transformer.compile_blocks, []
+
+    def fast(self, backend="inductor", **kw):  # aot_eager: the same graphs, no C++ build on 2 cores
+        called.append(backend)
+        return real(self, backend="aot_eager", **kw)
+    monkeypatch.setattr(Transformer, "compile_blocks", fast)
+    eager = train(config(tiny, tmp_path / "eager", max_steps=2, grad_accum=1))
+    compiled = train(config(tiny, tmp_path / "compiled", max_steps=2, grad_accum=1, compile=True))
+    assert called == ["inductor"]
+    assert compiled["final_loss"] == pytest.approx(eager["final_loss"], rel=1e-4)
