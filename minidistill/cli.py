@@ -74,6 +74,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, .
             default, typ = ",".join(default), _parse_names
         choices = [c for c in meta.get("choices", []) if c is not None] or None
         parser.add_argument(flag, dest=dest, type=typ, default=default, choices=choices,
+                            metavar=None if choices else flag.lstrip("-").replace("-", "_").upper(),
                             help=meta["help"] + help_suffix)
 
 

@@ -63,3 +63,14 @@ def test_gpu_script_dry_run_lists_every_part(tmp_path):
         assert f"[{part}, timeout " in out
     assert "-m gpu" in out and "--find-links" in out and "--seqs 8192" in out
     assert not (tmp_path / "o").exists()  # a dry run writes nothing
+
+
+def test_cross_tokenizer_kd_quick_mode_trains_both_rows(tmp_path):
+    out = run([sys.executable, str(ROOT / "benchmarks" / "cross_tokenizer_kd.py"), "--quick", "--work",
+               str(tmp_path / "w")], tmp_path, timeout=300)
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["benchmark"] == "cross_tokenizer_kd" and result["quick"] is True
+    by = {r["method"]: r for r in result["rows"]}
+    assert set(by) == {"sft", "sft+xkd"} and by["sft"]["kd_coverage"] is None
+    assert 0 < by["sft+xkd"]["kd_coverage"] <= 1  # the two tokenizers differ, yet positions align
+    assert all(0 <= r["exact_match"] <= 1 for r in by.values())
