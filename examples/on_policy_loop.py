@@ -5,7 +5,7 @@ minidistill.train`, if you give it; without one the student's LoRA starts pertur
 the two differ):
     python examples/on_policy_loop.py --steps 20 [--teacher-adapter runs/demo/adapter]
 or with real models of one tokenizer:
-    python examples/on_policy_loop.py --model qwen2.5-0.5b --teacher qwen2.5-7b --data prompts.jsonl --device cuda
+    python examples/on_policy_loop.py --model qwen2.5-0.5b --teacher Qwen/Qwen2.5-7B-Instruct --data prompts.jsonl --device cuda
 """
 
 import argparse
