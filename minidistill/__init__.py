@@ -25,7 +25,7 @@ from .lora import LoraConfig, LoRALinear, apply_lora, merge_lora
 from .adapter import load_adapter, save_adapter
 from .export import save_model
 from .teacher_cache import TeacherCache, cache_logits
-from .sampling import generate, generate_batch
+from .replies import generate, generate_batch
 from .rollout import RolloutBatch, Rollouts, rollout, rollout_batch  # binds md.rollout to the function
 from .onpolicy import OnPolicyOutput, on_policy_kd_loss
 from .answers import score_answer

@@ -27,7 +27,8 @@ from typing import Any, Iterator, Sequence
 
 from .records import (BadRecord, DATA_SUFFIXES, FORMATS, ROLES, SHAREGPT_ROLES, _chat, detect_schema,
                       iter_records, to_messages)
-from .sampling import Completion, cut_at_stop, iter_generate
+from .replies import iter_replies
+from .sampling import Completion
 from .templates import PromptTemplate, load_template
 
 TEMPLATE_FORMAT = "template"  # PromptRecord.format of a record read through a prompt template
@@ -140,18 +141,10 @@ def starts_in_think(tok, p: PromptRecord) -> bool:
     return prompt_starts_in_think(tok, p.messages)
 
 
-def iter_prompt_replies(model, tok, prompts: Sequence[PromptRecord], *, max_new_tokens: int = 256,
-                        temperature: float = 0.0, top_p: float = 1.0, seed: int | Sequence[int] | None = None,
-                        batch_size: int = 16, stop_strings: Sequence[str] = (),
-                        progress=None) -> Iterator[Completion]:
-    """`sampling.iter_generate` over `prompt_ids` of each prompt (chats and template text alike):
-    yields each reply's `Completion`, its text cut before any stop string, as it finishes."""
-    ids = [prompt_ids(tok, p) for p in prompts]
-    for c in iter_generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                           stop_ids=tok.stop_ids, stop_strings=stop_strings, decode=tok.decode, seed=seed,
-                           batch_size=batch_size, progress=progress):
-        c.text = cut_at_stop(tok.decode(c.ids), stop_strings)
-        yield c
+def iter_prompt_replies(model, tok, prompts: Sequence[PromptRecord], **kw) -> Iterator[Completion]:
+    """`sampling.iter_replies` over `prompt_ids` of each prompt (chats and template text alike);
+    keywords as its."""
+    return iter_replies(model, tok, [prompt_ids(tok, p) for p in prompts], **kw)
 
 
 def prompt_messages(obj: Any, fmt: str) -> list[dict]:

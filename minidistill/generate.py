@@ -16,7 +16,7 @@ import sys
 from .answers import read_prompts
 from .loader import default_device, load_for_inference
 from .records import FORMATS
-from .sampling import generate
+from .replies import generate
 from .traces import write_traces
 
 

@@ -99,7 +99,8 @@ def sample_prompts(path: str | None, data, n: int = 3) -> list[str]:
 def answer_prompts(model, tok, prompts: list[str], max_new_tokens: int, amp, plain_text: bool = False) -> list[str]:
     """Greedy answers to the sample prompts, decoded together. plain_text: the prompts are raw
     text (a prompt template's prompt part, or --format text) rather than user messages."""
-    from .sampling import generate_batch, generate_ids_batch
+    from .replies import generate_batch
+    from .sampling import generate_ids_batch
 
     was_training = model.training
     model.eval()

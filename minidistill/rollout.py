@@ -20,6 +20,7 @@ import torch
 from .batches import Batch, make_batches
 from .loss import IGNORE_INDEX
 from .samples import DataSummary, Sample, SFTData
+from .replies import encode_prompt
 from .sampling import iter_generate
 
 
@@ -53,16 +54,6 @@ class RolloutBatch(Batch):
     the trainer gives it the on-policy loss instead of cross-entropy."""
 
     rollouts: Rollouts | None = None
-
-
-def encode_prompt(tok, prompt) -> list[int]:
-    """Token ids of a prompt: a list of ids as it is, a chat (list of {"role", "content"}) or a
-    user message (str) rendered with the chat format, ready for the assistant's reply."""
-    if isinstance(prompt, str):
-        prompt = [{"role": "user", "content": prompt}]
-    if prompt and isinstance(prompt[0], dict):
-        return tok.encode_chat(prompt, add_generation_prompt=True)[0]
-    return [int(t) for t in prompt]
 
 
 @torch.no_grad()

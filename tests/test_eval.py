@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import minidistill as md
-from minidistill import evaluation, sampling
+from minidistill import evaluation, replies
 from minidistill.answers import score_answer
 from minidistill.demo import DEMO_DATA, build_demo_model
 from minidistill.sampling import Completion
@@ -33,7 +33,7 @@ def test_eval_cli_on_demo_data(tmp_path, capsys):
     assert summary["truncated"] == sum(r["truncated"] for r in rows)
     # The replies are those of greedy generation prompt by prompt.
     model, tok = md.load_model(folder, dtype=torch.float32).eval(), md.load_tokenizer(str(folder))
-    want = [sampling.generate(model, tok, [{"role": "user", "content": r["prompt"]}], max_new_tokens=8) for r in rows]
+    want = [replies.generate(model, tok, [{"role": "user", "content": r["prompt"]}], max_new_tokens=8) for r in rows]
     assert [r["output"] for r in rows] == want
     printed = capsys.readouterr().out.strip().splitlines()
     assert json.loads(printed[-1]) == summary and "reached --max-new-tokens" in printed[-2]
@@ -47,7 +47,7 @@ PROMPT = "Below is an instruction.\n\n### Question:\n{Question}\n\n### Response:
 
 
 def test_eval_with_a_template_feeds_plain_text_and_scores(tmp_path, capsys, monkeypatch):
-    from minidistill import answers
+    from minidistill import replies as replies_mod
     from minidistill.sampling import generate_ids
     from model_fixtures import write_family_model
 
@@ -58,8 +58,8 @@ def test_eval_with_a_template_feeds_plain_text_and_scores(tmp_path, capsys, monk
     data.write_text("".join(json.dumps(r) + "\n" for r in recs))
     (tmp_path / "t.txt").write_text(TEMPLATE)
     fed = []
-    real = answers.iter_generate
-    monkeypatch.setattr(answers, "iter_generate", lambda model, ids, **kw: fed.extend(ids) or real(model, ids, **kw))
+    real = replies_mod.iter_generate
+    monkeypatch.setattr(replies_mod, "iter_generate", lambda model, ids, **kw: fed.extend(ids) or real(model, ids, **kw))
     summary = cli_main("eval")(["--model", str(folder), "--data", str(data), "--template", str(tmp_path / "t.txt"),
                                 "--max-new-tokens", "5", "--batch-size", "2", "--output", str(tmp_path / "rows.jsonl"),
                                 "--device", "cpu"])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import minidistill as md
-from minidistill import sampling
+from minidistill import replies, sampling
 from minidistill.demo import build_demo_model
 from minidistill.sampling import generate_ids
 from model_fixtures import write_checkpoint
@@ -70,7 +70,7 @@ def test_cli_streams_one_reply(tmp_path, capsys):
     folder = build_demo_model(tmp_path / "demo")
     model, tok = md.load_model(folder, dtype=torch.float32).eval(), md.load_tokenizer(str(folder))
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "Ana has 3 pens."}]
-    want = sampling.generate(model, tok, msgs, max_new_tokens=10)
+    want = replies.generate(model, tok, msgs, max_new_tokens=10)
     cli_main("generate")(["--model", str(folder), "--prompt", "Ana has 3 pens.", "--system", "be brief",
                   "--max-new-tokens", "10", "--device", "cpu"])
     assert capsys.readouterr().out == want + "\n"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import minidistill as md
-from minidistill import sampling
+from minidistill import replies, sampling
 from minidistill.demo import build_demo_model
 from minidistill.errors import MinidistillError
 from minidistill.metrics import (
@@ -129,7 +129,7 @@ def test_answer_prompts_are_greedy_replies_and_keep_the_training_mode(tmp_path):
     got = answer_prompts(model, tok, prompts, max_new_tokens=5, amp=nullcontext())
     assert model.training  # put back as it was
     model.eval()
-    assert got == [sampling.generate(model, tok, [{"role": "user", "content": p}], max_new_tokens=5) for p in prompts]
+    assert got == [replies.generate(model, tok, [{"role": "user", "content": p}], max_new_tokens=5) for p in prompts]
     plain = answer_prompts(model, tok, prompts, max_new_tokens=5, amp=nullcontext(), plain_text=True)
     assert not model.training
     want = [tok.decode(sampling.generate_ids_batch(model, [tok.encode(p)], max_new_tokens=5, stop_ids=tok.stop_ids)[0])

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import minidistill as md
-from minidistill import quant, sampling
+from minidistill import quant, replies, sampling
 from minidistill.demo import build_demo_model
 from minidistill.lora import NF4LoRALinear
 from minidistill.progress import Progress
@@ -151,12 +151,12 @@ def test_chat_replies_batched_equal_one_by_one_and_stop_strings(tmp_path):
     model, tok = md.load_model(folder, dtype=torch.float32).eval(), md.load_tokenizer(str(folder))
     chats = ["Ana has 3 pens and gets 2 more. How many pens does Ana have now?", "Hi",
              [{"role": "system", "content": "be brief"}, {"role": "user", "content": "Ben has 9 coins."}]]
-    want = [sampling.generate(model, tok, c, max_new_tokens=12) for c in chats]
-    assert sampling.generate_batch(model, tok, chats, max_new_tokens=12, batch_size=2) == want
+    want = [replies.generate(model, tok, c, max_new_tokens=12) for c in chats]
+    assert replies.generate_batch(model, tok, chats, max_new_tokens=12, batch_size=2) == want
     text = want[0]
     stop = text[4:7] if len(text) >= 7 else text[-2:]
     pieces = []
-    cut = sampling.generate(model, tok, chats[0], max_new_tokens=12, stop_strings=[stop], stream=pieces.append)
+    cut = replies.generate(model, tok, chats[0], max_new_tokens=12, stop_strings=[stop], stream=pieces.append)
     assert cut == text[:text.find(stop)] and "".join(pieces) == cut
 
 

@@ -11,7 +11,8 @@ import minidistill as md
 from minidistill import traces
 from minidistill.answers import ThinkStats, read_prompts
 from minidistill.demo import build_demo_model
-from minidistill.sampling import Completion, iter_replies
+from minidistill.replies import iter_replies
+from minidistill.sampling import Completion
 from minidistill.traces import write_traces
 
 
@@ -132,7 +133,7 @@ def test_real_generation_writes_the_batched_replies(demo, tmp_path, monkeypatch)
 
 
 def test_generate_with_a_template_continues_the_prompt_part(tmp_path, monkeypatch, capsys):
-    from minidistill import answers
+    from minidistill import replies
     from minidistill.sampling import generate_ids
     from model_fixtures import write_family_model
 
@@ -143,8 +144,8 @@ def test_generate_with_a_template_continues_the_prompt_part(tmp_path, monkeypatc
             {"response": "no instruction"}]
     (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     fed = []
-    real = answers.iter_generate
-    monkeypatch.setattr(answers, "iter_generate", lambda model, ids, **kw: fed.extend(ids) or real(model, ids, **kw))
+    real = replies.iter_generate
+    monkeypatch.setattr(replies, "iter_generate", lambda model, ids, **kw: fed.extend(ids) or real(model, ids, **kw))
     out = tmp_path / "traces.jsonl"
     # The random model never closes a think block: count every reply as a finished answer.
     monkeypatch.setattr(traces, "think_stats", lambda text, started_in_think=False: ThinkStats(None, text + "!", False))
