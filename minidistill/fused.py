@@ -40,32 +40,30 @@ def rms_norm_forward(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Ten
     return weight * (x32 * rstd).to(x.dtype), rstd
 
 
-def rms_norm_apply(x: Tensor, weight: Tensor, rstd: Tensor) -> Tensor:
-    """The forward's output again from x and its saved rstd (bit for bit the same)."""
-    return weight * (x.float() * rstd).to(x.dtype)
-
-
-def rms_norm_backward(grad: Tensor, x: Tensor, weight: Tensor, rstd: Tensor,
-                      need_weight: bool) -> tuple[Tensor, Tensor | None]:
+def rms_norm_backward(grad: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, need_weight: bool,
+                      n32: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """Gradients of x and (if need_weight) of weight, for `grad` of the output.
 
     With n = x * rstd (fp32): dx = rstd * (dn - n * mean(dn * n)), dn = grad * weight; the casts
-    follow the forward's (the weight product in the output dtype, dn rounded to x's dtype)."""
+    follow the forward's (the weight product in the output dtype, dn rounded to x's dtype).
+    n32: x.float() * rstd when the caller has it already (lora's backward rebuilds the output)."""
     out_dtype = torch.promote_types(weight.dtype, x.dtype)
     grad = grad.to(out_dtype)
-    n32 = x.float() * rstd  # (..., D)
-    dn = (grad * weight).to(x.dtype).float()
-    gx = (rstd * (dn - n32 * (dn * n32).mean(-1, keepdim=True))).to(x.dtype)
+    n32 = x.float() * rstd if n32 is None else n32  # (..., D)
+    dn = (grad * weight).to(x.dtype).float()  # a fresh tensor: the steps below run in place
+    gx = dn.sub_(n32 * (dn * n32).mean(-1, keepdim=True)).mul_(rstd).to(x.dtype)
     gw = None
     if need_weight:
         gw = (grad * n32.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)  # (D,)
     return gx, gw
 
 
-def swiglu_backward(grad: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
-    """Gradients of gate and up for `grad` of silu(gate) * up (the ops plain autograd runs)."""
+def swiglu_backward(grad: Tensor, gate: Tensor, up: Tensor,
+                    silu_gate: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Gradients of gate and up for `grad` of silu(gate) * up (the ops plain autograd runs);
+    silu_gate: F.silu(gate) when the caller has it already."""
     grad = grad.to(torch.promote_types(gate.dtype, up.dtype))
-    return torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)
+    return torch.ops.aten.silu_backward(grad * up, gate), grad * (F.silu(gate) if silu_gate is None else silu_gate)
 
 
 class _RMSNorm(torch.autograd.Function):

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .cli import flag_field
-from .fused import rms_norm_apply, rms_norm_backward, rms_norm_forward, swiglu, swiglu_backward
+from .fused import rms_norm_backward, rms_norm_forward, swiglu, swiglu_backward
 from .new_tokens import merge_token_rows
 from .quant import (NF4Linear, NF4State, dense_linear, dequantize_nf4, nf4_linear, nf4_matmul, nf4_matmul_weight,
                     nf4_state_of, register_nf4_weight)
@@ -143,15 +143,21 @@ class _LoRAFunction(torch.autograd.Function):
             lo = hi
         ga = torch.cat(ga, dim=1) if len(ga) > 1 else ga[0]  # (N, sum r_i)
         gA = [None] * len(mods)
+        # What the prologue's output and its backward share, computed once: x / rms (fp32) of the
+        # norm, silu(gate) of the SwiGLU.
+        pre = None
+        if kind is not None and (need_x or any(need[2::4])):
+            pre = keep[0].float() * keep[2] if kind == "rmsnorm" else F.silu(keep[0])
         if any(need[2::4]):
             if kind == "rmsnorm":
-                xl = rms_norm_apply(keep[0], keep[1], keep[2]).to(cdt)  # the norm's output again
+                xl = (keep[1] * pre.to(keep[0].dtype)).to(cdt)  # the norm's output again, bit for bit
             elif kind == "swiglu":
-                xl = (F.silu(keep[0]) * keep[1]).to(cdt)
+                xl = (pre * keep[1]).to(cdt)
             else:
                 xl = keep[0]
             gA_cat = ga.t() @ xl.reshape(-1, xl.shape[-1])  # (sum r_i, in)
             gA = [t.to(Ai.dtype) for t, Ai in zip(gA_cat.split([Ai.shape[0] for Ai in A]), A)]
+            del xl  # not kept through the input gradient below
         g0 = g1 = None
         if has_xl or need_x:
             A_cat = torch.cat([t.to(cdt) for t in A])  # (sum r_i, in)
@@ -162,9 +168,9 @@ class _LoRAFunction(torch.autograd.Function):
         if need_x:
             gx = gx.view(ctx.x_shape)
             if kind == "rmsnorm":
-                g0, g1 = rms_norm_backward(gx, keep[0], keep[1], keep[2], need_p1)
+                g0, g1 = rms_norm_backward(gx, keep[0], keep[1], keep[2], need_p1, n32=pre)
             elif kind == "swiglu":
-                g0, g1 = swiglu_backward(gx, keep[0], keep[1])
+                g0, g1 = swiglu_backward(gx, keep[0], keep[1], silu_gate=pre)
             else:
                 g0 = gx
         out = [None, None, None, None, g0 if need_p0 else None, g1 if need_p1 else None]

@@ -129,6 +129,22 @@ def test_packed_paths_equal_dense_reference(monkeypatch, kernel, layout, window,
             check_close(run(ours, q, k, v, w, real, dtype), ref, run(dense, q, k, v, w, real, dtype))
 
 
+def test_cpu_plan_runs_documents_alone_and_groups_only_tiny_ones():
+    # Documents above GROUP tokens run alone, causal with no mask (the kernel then skips the blocks
+    # above the diagonal); only runs of documents within GROUP tokens share one masked call.
+    assert A.GROUP == 32
+    plan = A._segments([100, 10, 10, 20, 40, 600], None, 512, torch.device("cpu"))
+    assert [(L, back, m is None) for L, back, m in plan] == [
+        (100, 0, True), (20, 0, False), (20, 0, True), (40, 0, True), (600, 0, True)]
+    want = torch.zeros(20, 20, dtype=torch.bool)
+    want[:10, :10] = want[10:, 10:] = torch.ones(10, 10, dtype=torch.bool).tril()  # two documents, causal
+    assert torch.equal(plan[1][2], want)
+    # a window shorter than a lone document: its own (L, L) causal + window mask, no other document
+    (L, back, m), = A._segments([40], 5, 512, torch.device("cpu"))
+    idx = torch.arange(40)
+    assert (L, back) == (40, 0) and torch.equal(m, (idx[None] <= idx[:, None]) & (idx[None] > idx[:, None] - 5))
+
+
 def test_padding_takes_no_part():
     rows, T = [[3, 2], [4]], 8
     q, k, v, _ = inputs(rows, T, 4, 2)

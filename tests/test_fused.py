@@ -68,6 +68,24 @@ def test_swiglu_matches_reference(shape, dtype):
     assert all(torch.equal(a, b) for a, b in zip(got, ref))  # the same kernels plain autograd runs
 
 
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+def test_backwards_given_the_shared_prologue_value_are_bit_identical(dtype):
+    # lora's backward computes x / rms (or silu(gate)) once and hands it in: same bits as without.
+    g = torch.Generator().manual_seed(3)
+    x, go, gate, up = (torch.randn(6, 40, generator=g).to(dtype) for _ in range(4))
+    w = (torch.rand(40, generator=g) + 0.5).to(dtype)
+    _, rstd = fused.rms_norm_forward(x, w, 1e-5)
+    plain = fused.rms_norm_backward(go, x, w, rstd, True)
+    shared = fused.rms_norm_backward(go, x, w, rstd, True, n32=x.float() * rstd)
+    assert all(torch.equal(a, b) for a, b in zip(plain, shared))
+    plain = fused.swiglu_backward(go, gate, up)
+    shared = fused.swiglu_backward(go, gate, up, silu_gate=torch.nn.functional.silu(gate))
+    assert all(torch.equal(a, b) for a, b in zip(plain, shared))
+    gx, gw = plain  # (gate, up gradients) and against plain autograd of silu(gate) * up
+    ref = grads_of(fused.swiglu_reference, [gate, up], go)
+    assert torch.equal(gx.float(), ref[1]) and torch.equal(gw.float(), ref[2])
+
+
 def saved_storages(fn, exclude=()):
     """Shapes and dtypes of the distinct storages autograd saves during fn() (parameters excluded)."""
     skip = {t.untyped_storage().data_ptr() for t in exclude}
