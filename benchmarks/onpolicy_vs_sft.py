@@ -17,6 +17,11 @@ Score: exact match of the final answer on held-out problems, greedy. "gain_point
     python benchmarks/onpolicy_vs_sft.py            # the full run (a few minutes on 2 cores)
     python benchmarks/onpolicy_vs_sft.py --quick    # a smoke run in seconds (numbers mean nothing)
 
+Knobs for a sweep (the defaults are the best of one sweep at the 120k budget): --start-steps
+(any multiple of 50 of the teacher run), --samples-per-prompt (a step then samples
+--batch // it prompts, so rollouts per step stay --batch), --temperature, --estimator
+(full / sampled), --lr-sft / --lr-on-policy, --lr-schedule (both arms), --arms (run a subset).
+
 Prints a table, then one line of JSON.
 """
 
@@ -25,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import time
 from pathlib import Path
 
@@ -46,11 +52,15 @@ def train_teacher(work: Path, model_dir: Path, data: Path, steps: int, start: in
     if not (out / "adapter" / "adapter_model.safetensors").exists():
         cfg = md.TrainConfig(model=str(model_dir), data=str(data), output=str(out), max_steps=steps, batch_size=8,
                              grad_accum=1, lr=3e-3, min_lr=3e-4, warmup_steps=min(10, steps // 5),
-                             grad_checkpointing=False, save_every=start, keep_last=1000, sample_max_tokens=8,
-                             device="cpu", overwrite=True, lora=LORA,
+                             grad_checkpointing=False, save_every=50 if start % 50 == 0 else start, keep_last=1000,
+                             sample_max_tokens=8, device="cpu", overwrite=True, lora=LORA,
                              data_config=md.DataConfig(max_seq_len=128, cache_dir=str(work / "cache")))
         md.train(cfg)
-    return out / "checkpoints" / f"step_{start:06d}" / "adapter", out / "adapter"
+    begin = out / "checkpoints" / f"step_{start:06d}" / "adapter"
+    if not begin.exists():
+        raise FileNotFoundError(f"no checkpoint at step {start} in {out} (it saves every 50 steps, or at --start-steps "
+                                f"when that is no multiple of 50): choose another --start-steps or a new --work")
+    return begin, out / "adapter"
 
 
 def load(model_dir: Path, adapter: Path, *, frozen: bool) -> md.Transformer:
@@ -86,18 +96,27 @@ def teacher_traces(teacher, tok, prompts: list[dict], max_new_tokens: int, work:
     return sum(right)
 
 
-def run_sft(model, tok, traces: Path, work: Path, budget: int, lr: float, batch: int) -> dict:
+def set_lr(opt, lr: float, schedule: str, used: int, budget: int) -> None:
+    """Constant, or linear decay to 0 by the share of the token budget spent (the arms take
+    different step counts for the same budget, so the schedule follows tokens, not steps)."""
+    for g in opt.param_groups:
+        g["lr"] = lr if schedule == "constant" else lr * max(0.0, 1 - used / budget)
+
+
+def run_sft(model, tok, traces: Path, work: Path, budget: int, lr: float, batch: int,
+            schedule: str = "constant", seed: int = 0) -> dict:
     data = md.prepare_data(str(traces), tok, md.DataConfig(max_seq_len=128, cache_dir=str(work / "cache")),
                            log=lambda *a: None)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     used, steps, epoch, t0 = 0, 0, 0, time.time()
     model.train()
     while used < budget:
-        for b in md.make_batches(data, batch, 128, seed=0, epoch=epoch):
+        for b in md.make_batches(data, batch, 128, seed=seed, epoch=epoch):
             hidden = model(**b.model_inputs("cpu"), return_hidden=True)
             out = md.chunked_cross_entropy(hidden, model.head_weight, b.labels, positions=b.label_index)
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            set_lr(opt, lr, schedule, used, budget)
             opt.step()
             opt.zero_grad(set_to_none=True)
             used, steps = used + b.num_input_tokens, steps + 1
@@ -108,22 +127,31 @@ def run_sft(model, tok, traces: Path, work: Path, budget: int, lr: float, batch:
 
 
 def run_on_policy(model, teacher, tok, prompts: list[dict], budget: int, lr: float, batch: int,
-                  max_new_tokens: int, temperature: float) -> dict:
+                  max_new_tokens: int, temperature: float, samples_per_prompt: int = 1,
+                  schedule: str = "constant", estimator: str = "full", seed: int = 0) -> dict:
+    """Per step: batch // samples_per_prompt prompts, each sampled samples_per_prompt times (so
+    about `batch` rollouts a step whatever the split, as SFT's `batch` rows)."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     used, steps, sampled, t0, kls, finished = 0, 0, 0, time.time(), [], []
+    n_prompts = max(1, batch // samples_per_prompt)
+    if seed:  # another prompt order and other samples, as SFT's seed reorders its traces
+        prompts = random.Random(seed).sample(prompts, len(prompts))
     while used < budget:
-        chunk = [prompts[(steps * batch + j) % len(prompts)]["messages"] for j in range(batch)]
+        chunk = [prompts[(steps * n_prompts + j) % len(prompts)]["messages"] for j in range(n_prompts)]
+        n = n_prompts * samples_per_prompt
         r = rollout(model, tok, chunk, max_new_tokens=max_new_tokens, temperature=temperature,
-                    seed=[steps * batch + j for j in range(batch)])
+                    samples_per_prompt=samples_per_prompt,
+                    seed=[seed * 1_000_003 + steps * n + j for j in range(n)])
         b = rollout_batch(r, pad_id=tok.pad_id or 0)
         model.train()
         hidden = model(**b.model_inputs("cpu"), return_hidden=True)
         with torch.no_grad():
             t_hidden = teacher(**b.model_inputs("cpu"), return_hidden=True)
         out = on_policy_kd_loss(hidden, model.head_weight, t_hidden, teacher.head_weight, b.labels,
-                                positions=b.label_index)
+                                positions=b.label_index, estimator=estimator)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        set_lr(opt, lr, schedule, used, budget)
         opt.step()
         opt.zero_grad(set_to_none=True)
         used, steps, sampled = used + b.num_input_tokens, steps + 1, sampled + sum(r.lengths)
@@ -140,16 +168,31 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, seconds")
     p.add_argument("--work", default="runs/onpolicy-vs-sft", help="work folder (the teacher run is reused)")
     p.add_argument("--teacher-steps", type=int, default=500)
-    p.add_argument("--start-steps", type=int, default=100, help="the student's starting point in the teacher run")
+    p.add_argument("--start-steps", type=int, default=200,
+                   help="the student's starting point in the teacher run (a multiple of 50)")
     p.add_argument("--budget", type=int, default=120_000, help="student forward+backward tokens per method")
-    p.add_argument("--lr-sft", type=float, default=3e-3, help="AdamW, constant (the better of 1e-3 / 3e-3 here)")
-    p.add_argument("--lr-on-policy", type=float, default=1e-3, help="AdamW, constant (the better of 1e-3 / 3e-3)")
+    # Both from one sweep at the defaults (120k, start 200, 400 held-out): SFT 1e-4..3e-3, on-policy 3e-4..3e-3.
+    # A fresh AdamW on a trained adapter wants a much smaller lr than the teacher run's 3e-3.
+    p.add_argument("--lr-sft", type=float, default=3e-4, help="AdamW, constant (the best of the sweep above)")
+    p.add_argument("--lr-on-policy", type=float, default=5e-4, help="AdamW, constant (the best of the sweep above)")
     p.add_argument("--batch", type=int, default=8, help="packed rows (SFT) / prompts (on-policy) per step")
     p.add_argument("--rollout-tokens", type=int, default=80)
     p.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature")
+    p.add_argument("--samples-per-prompt", type=int, default=1,
+                   help="rollouts per prompt; a step samples --batch // this many prompts")
+    p.add_argument("--lr-schedule", default="constant", choices=["constant", "linear"],
+                   help="both arms: constant, or linear decay to 0 over the token budget")
+    p.add_argument("--estimator", default="full", choices=["full", "sampled"],
+                   help="on-policy reverse KL: exact over the vocabulary, or the sampled-token estimator")
+    p.add_argument("--seed", type=int, default=0, help="SFT's trace order; on-policy's prompt order and samples")
+    p.add_argument("--arms", default="sft,verified,on-policy",
+                   help="comma list of the arms to run (sft, verified, on-policy)")
     p.add_argument("--eval", type=int, default=400, help="held-out problems")
     p.add_argument("--prompts", type=int, default=1000, help="training prompts (traces and rollouts)")
     args = p.parse_args()
+    arms = set(args.arms.split(","))
+    if arms - {"sft", "verified", "on-policy"}:
+        p.error(f"--arms takes a comma list of sft, verified, on-policy; got {args.arms!r}")
     if args.quick:
         args.teacher_steps, args.start_steps, args.budget, args.eval, args.prompts = 30, 10, 3000, 8, 32
         args.rollout_tokens = 24
@@ -173,37 +216,50 @@ def main() -> None:
     rows = [("teacher", accuracy(teacher, tok, held_out, args.rollout_tokens), {}),
             ("student start", accuracy(start, tok, held_out, args.rollout_tokens), {})]
     kept = teacher_traces(teacher, tok, prompts, args.rollout_tokens, work)
-    for name, traces in (("(a) SFT, all teacher traces", "traces.jsonl"),
-                         ("(a') SFT, verified traces", "verified.jsonl")):
+    for arm, name, traces in (("sft", "(a) SFT, all teacher traces", "traces.jsonl"),
+                              ("verified", "(a') SFT, verified traces", "verified.jsonl")):
+        if arm not in arms:
+            continue
         torch.manual_seed(1)
         sft = load(model_dir, start_adapter, frozen=False)
-        info = run_sft(sft, tok, work / traces, work, args.budget, args.lr_sft, args.batch)
+        info = run_sft(sft, tok, work / traces, work, args.budget, args.lr_sft, args.batch, args.lr_schedule,
+                       args.seed)
         rows.append((name, accuracy(sft, tok, held_out, args.rollout_tokens), info))
-    torch.manual_seed(1)
-    onp = load(model_dir, start_adapter, frozen=False)
-    info = run_on_policy(onp, teacher, tok, prompts, args.budget, args.lr_on_policy, args.batch, args.rollout_tokens,
-                         args.temperature)
-    rows.append(("(b) on-policy distillation", accuracy(onp, tok, held_out, args.rollout_tokens), info))
+    if "on-policy" in arms:
+        torch.manual_seed(1)
+        onp = load(model_dir, start_adapter, frozen=False)
+        info = run_on_policy(onp, teacher, tok, prompts, args.budget, args.lr_on_policy, args.batch,
+                             args.rollout_tokens, args.temperature, args.samples_per_prompt, args.lr_schedule,
+                             args.estimator, args.seed)
+        rows.append(("(b) on-policy distillation", accuracy(onp, tok, held_out, args.rollout_tokens), info))
 
     print(f"\nheld-out exact match, {len(held_out)} problems; teacher SFT {args.teacher_steps} steps "
           f"({teacher_s:.0f} s{', reused' if teacher_s < 5 else ''}), student start = step {args.start_steps}; "
-          f"{kept}/{len(prompts)} teacher traces verified; lr SFT {args.lr_sft:g}, on-policy {args.lr_on_policy:g}")
+          f"{kept}/{len(prompts)} teacher traces verified; lr SFT {args.lr_sft:g}, on-policy {args.lr_on_policy:g}; "
+          f"lr {args.lr_schedule}; seed {args.seed}; {args.estimator} reverse KL; rollouts: "
+          f"{args.samples_per_prompt} per prompt, T {args.temperature:g}, {args.rollout_tokens} tokens")
     print(f"{'model':28s} {'exact match':>11s} {'fwd+bwd tokens':>15s} {'steps':>6s} {'sampled tokens':>15s} "
           f"{'time s':>7s}")
     for name, acc, i in rows:
         print(f"{name:28s} {100 * acc:10.1f}% {i.get('tokens', 0):15,d} {i.get('steps', 0):6d} "
               f"{i.get('sample_tokens', 0):15,d} {i.get('time_s', 0):7.1f}")
-    o = rows[-1][2]
-    print(f"on-policy reverse KL {o['reverse_kl_first']:.4f} -> {o['reverse_kl_last']:.4f}; "
-          f"rollouts finished (last tenth) {100 * o['finished_last']:.0f}%")
+    acc = {name[:4].strip(): a for name, a, _ in rows}  # "(a)", "(a')", "(b)"
+    if "(b)" in acc:
+        o = rows[-1][2]
+        print(f"on-policy reverse KL {o['reverse_kl_first']:.4f} -> {o['reverse_kl_last']:.4f}; "
+              f"rollouts finished (last tenth) {100 * o['finished_last']:.0f}%")
+    gain = {key: round(100 * (acc["(b)"] - acc[ref]), 1) if "(b)" in acc and ref in acc else None
+            for key, ref in (("gain_points", "(a)"), ("gain_points_vs_verified", "(a')"))}
     result = {"bench": "onpolicy_vs_sft", "quick": args.quick, "held_out": len(held_out),
               "machine": "2-core CPU container (shared, noisy)", "budget_tokens": args.budget,
               "lr_sft": args.lr_sft, "lr_on_policy": args.lr_on_policy, "rollout_temperature": args.temperature,
+              "samples_per_prompt": args.samples_per_prompt, "lr_schedule": args.lr_schedule,
+              "estimator": args.estimator, "seed": args.seed, "rollout_tokens": args.rollout_tokens,
+              "batch": args.batch,
               "teacher_steps": args.teacher_steps, "start_steps": args.start_steps, "verified_traces": kept,
               "rows": [{"model": n, "exact_match": round(a, 4), **{k: (round(v, 4) if isinstance(v, float) else v)
                                                                     for k, v in i.items()}} for n, a, i in rows],
-              "gain_points": round(100 * (rows[-1][1] - rows[2][1]), 1),
-              "gain_points_vs_verified": round(100 * (rows[-1][1] - rows[3][1]), 1)}
+              **gain}
     print(json.dumps(result))
 
 
