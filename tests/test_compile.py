@@ -11,6 +11,7 @@ from minidistill.attention import doc_layout
 from minidistill.config import ModelConfig
 from minidistill.model import Transformer
 from model_fixtures import randomise_lora
+from test_attention import packed_batch
 
 
 def lora_model(dropout=0.0, layers=2, window=None, seed=0) -> Transformer:
@@ -26,11 +27,7 @@ def lora_model(dropout=0.0, layers=2, window=None, seed=0) -> Transformer:
 
 def packed(rows, T, seed=0):
     """ids, position_ids (restarting per document) and the layout of packed rows."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 96, (len(rows), T), generator=g)
-    pos = torch.zeros(len(rows), T, dtype=torch.long)
-    for b, r in enumerate(rows):
-        pos[b] = torch.cat([torch.arange(n) for n in r + [T - sum(r)]])
+    ids, pos, _ = packed_batch(rows, T, seed)
     return ids, pos, doc_layout(rows, T)
 
 

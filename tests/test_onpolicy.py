@@ -24,7 +24,7 @@ from minidistill.loss import IGNORE_INDEX
 from minidistill.onpolicy import on_policy_kd_loss
 from minidistill.samples import DataConfig
 from minidistill.train_config import DistillConfig, OnPolicyConfig, TrainConfig
-from minidistill.trainer import setup, train, train_step
+from minidistill.trainer import setup, train
 
 
 def _inputs(seed=0, B=2, T=7, Hs=16, Ht=12, Vs=40, Vt=44):
@@ -202,18 +202,13 @@ def test_mixed_steps_take_the_share_and_resume_bit_for_bit(tiny, tmp_path):
 
 
 def test_an_on_policy_step_has_one_host_read_and_no_sync_inside(tiny, tmp_path, monkeypatch):
-    from test_trainer import CountSyncs
+    from test_trainer import step_watched
 
     run = setup(config(tiny, tmp_path / "run", mix=0.5))
     micro = run.onpolicy.take(run.model, run.state, run.stream, 2, run.amp)  # sampling reads ids: outside the step
     assert [type(b).__name__ for b in micro] == ["Batch", "RolloutBatch"] and run.state.on_policy_batches == 1
-    reads = []
-    real_tolist = torch.Tensor.tolist
-    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t.shape) or real_tolist(t))
-    with CountSyncs() as c:
-        row = train_step(run, micro)
-    run.stream.close()
-    assert c.seen == [], c.seen
+    row, seen, reads = step_watched(run, micro, monkeypatch)
+    assert seen == [], seen
     assert len(reads) == 1
     assert row["tokens"] == sum(b.num_tokens for b in micro) and row["reverse_kl"] > 0
 

@@ -30,6 +30,16 @@ def env(root: Path) -> dict:
     return dict(os.environ, MINIDISTILL_CACHE=str(root / "cache"), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
 
 
+def adapter(out: Path) -> dict:
+    """The adapter tensors a run wrote to out/adapter."""
+    return load_file(out / "adapter" / "adapter_model.safetensors")
+
+
+def metrics(out: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl."""
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 def common(model, data, out, steps=8) -> list[str]:
     return ["--model", str(model), "--data", str(data), "--output", str(out), "--max-steps", str(steps),
             "--batch-size", "2", "--grad-accum", "2", "--max-seq-len", "128", "--lr", "5e-3", "--warmup-steps", "2",
@@ -44,7 +54,7 @@ def test_learns_and_writes_outputs(setup, monkeypatch):
     cfg = parse_args(common(model, data, out, steps=40) + ["--eval-split", "0.05", "--eval-every", "20",
                                                             "--save-every", "20", "--merge"])
     summary = train(cfg)
-    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics(out)
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == list(range(1, 41))
     for r in train_rows:
@@ -89,17 +99,17 @@ def test_resume_after_sigkill_is_bit_identical(setup):
     resumed = subprocess.run([sys.executable, "-m", "minidistill.train", *args_k, "--resume"], check=True,
                              env=env(root), capture_output=True, text=True, timeout=300)
     assert "note: flags differ" not in resumed.stdout
-    a = load_file(straight / "adapter" / "adapter_model.safetensors")
-    b = load_file(killed / "adapter" / "adapter_model.safetensors")
+    a = adapter(straight)
+    b = adapter(killed)
     assert a.keys() == b.keys() and len(a) > 0
     assert all(torch.equal(a[k], b[k]) for k in a)
-    steps = [json.loads(l)["step"] for l in (killed / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in metrics(killed)]
     assert steps == list(range(1, 9))  # rows past the checkpoint were logged once, not twice
     # Extending a finished run: allowed, and the changed flag is named.
     longer = subprocess.run([sys.executable, "-m", "minidistill.train", *args_k, "--resume", "--max-steps", "10"],
                             check=True, env=env(root), capture_output=True, text=True, timeout=300)
     assert "note: flags differ from the interrupted run: --max-steps 8 -> 10" in longer.stdout
-    assert [json.loads(l)["step"] for l in (killed / "metrics.jsonl").read_text().splitlines()] == list(range(1, 11))
+    assert [r["step"] for r in metrics(killed)] == list(range(1, 11))
 
 
 def test_ctrl_c_saves_at_a_step_boundary_and_resumes_identically(setup):
@@ -111,9 +121,9 @@ def test_ctrl_c_saves_at_a_step_boundary_and_resumes_identically(setup):
     args_c = common(model, data, stopped, steps=30) + ["--save-every", "0"]
     proc = subprocess.Popen([sys.executable, "-m", "minidistill.train", *args_c], env=env(root),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = stopped / "metrics.jsonl"
+    log_file = stopped / "metrics.jsonl"
     deadline = time.time() + 240
-    while (not metrics.exists() or len(metrics.read_text().splitlines()) < 3) and time.time() < deadline:
+    while (not log_file.exists() or len(log_file.read_text().splitlines()) < 3) and time.time() < deadline:
         time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
@@ -123,8 +133,8 @@ def test_ctrl_c_saves_at_a_step_boundary_and_resumes_identically(setup):
     assert saved is not None and 3 <= int(saved.name.split("_")[1]) < 30
     subprocess.run([sys.executable, "-m", "minidistill.train", *args_c, "--resume"], check=True, env=env(root),
                    capture_output=True, timeout=300)
-    a = load_file(straight / "adapter" / "adapter_model.safetensors")
-    b = load_file(stopped / "adapter" / "adapter_model.safetensors")
+    a = adapter(straight)
+    b = adapter(stopped)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -138,12 +148,12 @@ def test_ddp_two_processes_match_one(setup):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                         "-m", "minidistill.train", *ddp], env=env(root), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    a = load_file(one / "adapter" / "adapter_model.safetensors")
-    b = load_file(two / "adapter" / "adapter_model.safetensors")
+    a = adapter(one)
+    b = adapter(two)
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5), k
-    ra = [json.loads(l) for l in (one / "metrics.jsonl").read_text().splitlines()]
-    rb = [json.loads(l) for l in (two / "metrics.jsonl").read_text().splitlines()]
+    ra = metrics(one)
+    rb = metrics(two)
     assert [r["loss"] for r in ra] == pytest.approx([r["loss"] for r in rb], rel=1e-6)
     # Adam hides a gradient scaled by the world size; the norm does not.
     assert [r["grad_norm"] for r in ra] == pytest.approx([r["grad_norm"] for r in rb], rel=1e-5)
@@ -162,12 +172,12 @@ def test_on_policy_ddp_two_processes_match_one(setup):
                         *common(model, data, two, steps=3), *extra, "--grad-accum", "1"], env=env(root),
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    a = load_file(one / "adapter" / "adapter_model.safetensors")
-    b = load_file(two / "adapter" / "adapter_model.safetensors")
+    a = adapter(one)
+    b = adapter(two)
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5), k
-    ra = [json.loads(l) for l in (one / "metrics.jsonl").read_text().splitlines()]
-    rb = [json.loads(l) for l in (two / "metrics.jsonl").read_text().splitlines()]
+    ra = metrics(one)
+    rb = metrics(two)
     assert [r["rollout_len_mean"] for r in ra] == [r["rollout_len_mean"] for r in rb]
     assert [r["reverse_kl"] for r in ra] == pytest.approx([r["reverse_kl"] for r in rb], rel=1e-5)
 
@@ -185,16 +195,16 @@ def test_fsdp_two_processes_match_one_and_resume(setup):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "minidistill.train"]
     r = subprocess.run([*torchrun, *shard], env=env(root), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    a = load_file(one / "adapter" / "adapter_model.safetensors")
-    b = load_file(two / "adapter" / "adapter_model.safetensors")
+    a = adapter(one)
+    b = adapter(two)
     assert a.keys() == b.keys()
     # fp32 sums in another order (reduce-scatter across two processes); Adam normalises each
     # update, which magnifies that noise on near-zero gradients to ~1e-5. A sharding or data bug
     # moves weights by ~lr (5e-3); a gradient-scale bug shows in grad_norm below.
     for k in a:
         assert torch.allclose(a[k], b[k], atol=2e-5, rtol=1e-4), k
-    rows_a = [json.loads(l) for l in (one / "metrics.jsonl").read_text().splitlines()]
-    rows_b = [json.loads(l) for l in (two / "metrics.jsonl").read_text().splitlines()]
+    rows_a = metrics(one)
+    rows_b = metrics(two)
     train_a, train_b = [r for r in rows_a if "loss" in r], [r for r in rows_b if "loss" in r]
     assert len(train_a) == len(train_b) == 6
     assert [r["loss"] for r in train_a] == pytest.approx([r["loss"] for r in train_b], rel=1e-6)
@@ -208,7 +218,7 @@ def test_fsdp_two_processes_match_one_and_resume(setup):
     (two / "adapter" / "adapter_model.safetensors").unlink()
     r = subprocess.run([*torchrun, *shard, "--resume"], env=env(root), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    c = load_file(two / "adapter" / "adapter_model.safetensors")
+    c = adapter(two)
     for k in a:
         assert torch.equal(b[k], c[k]), k  # same processes, same reductions: bit for bit
 
@@ -258,7 +268,7 @@ def test_distillation_lowers_kd_loss(setup, mode):
         args += ["--teacher-cache", str(cache)]
     subprocess.run([sys.executable, "-m", "minidistill.train", *args], check=True, env=env(root),
                    capture_output=True, timeout=300)
-    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics(out)
     assert all({"kd_loss", "ce_loss"} <= set(r) for r in rows)
     for r in rows:  # the reported loss is the 0.1 / 0.9 mix of its parts
         assert r["loss"] == pytest.approx(0.1 * r["ce_loss"] + 0.9 * r["kd_loss"], rel=1e-5)
@@ -325,7 +335,7 @@ def test_one_run_per_output_folder(setup, tmp_path):
     assert (done / "metrics.jsonl").read_text() == rows  # nothing of the first run was touched
     subprocess.run([sys.executable, "-m", "minidistill.train", *common(model, data, done, steps=2), "--overwrite"],
                    check=True, env=env(root), capture_output=True, timeout=120)
-    assert [json.loads(l)["step"] for l in (done / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert [r["step"] for r in metrics(done)] == [1, 2]
 
 
 def test_resume_with_other_data_is_refused(setup, tmp_path):

@@ -54,17 +54,25 @@ def config(tiny, out, **kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
-@pytest.mark.parametrize("recompute", [False, True])
-def test_a_step_has_one_host_read_and_no_sync_inside(tiny, tmp_path, monkeypatch, recompute):
-    run = setup(config(tiny, tmp_path / "run", grad_checkpointing=recompute))
-    micro = run.stream.take(run.state, 3)
+def step_watched(run, micro, monkeypatch) -> tuple[dict, list[str], list]:
+    """train_step(run, micro) with its sync ops (CountSyncs) and its Tensor.tolist reads recorded:
+    (the metrics row, the syncs seen, the shapes read)."""
     reads = []
     real_tolist = torch.Tensor.tolist
     monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t.shape) or real_tolist(t))
     with CountSyncs() as c:
         row = train_step(run, micro)
+    monkeypatch.setattr(torch.Tensor, "tolist", real_tolist)
     run.stream.close()
-    assert c.seen == [], c.seen  # nothing in the step waits for the device...
+    return row, c.seen, reads
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_a_step_has_one_host_read_and_no_sync_inside(tiny, tmp_path, monkeypatch, recompute):
+    run = setup(config(tiny, tmp_path / "run", grad_checkpointing=recompute))
+    micro = run.stream.take(run.state, 3)
+    row, seen, reads = step_watched(run, micro, monkeypatch)
+    assert seen == [], seen  # nothing in the step waits for the device...
     assert len(reads) == 1  # ...but the one read of the step's scalars
     assert row["step"] == 1 and row["tokens"] == sum(b.num_tokens for b in micro) > 0
     assert run.state.step == 1 and run.state.index == 3
