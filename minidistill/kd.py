@@ -69,7 +69,8 @@ def _log_softmax_(x: Tensor) -> Tensor:
 
 def _divergence_(logp: Tensor, logq: Tensor, kind: str, beta: float, need_grad: bool) -> tuple[Tensor, Tensor | None]:
     """Per-row divergence (c,) and its gradient w.r.t. the student logits / T (c, V), from fp32
-    log-probs logp (student) and logq (teacher), both (c, V) and both consumed (overwritten)."""
+    log-probs logp (student) and logq (teacher), both (c, V) and both consumed (overwritten);
+    "reverse" leaves p = exp(logp) in logp's buffer (onpolicy.py's sampled estimator uses it)."""
     if kind == "forward":
         q = logq.exp()  # 3rd buffer
         div = logq.sub_(logp).mul_(q).sum(-1)  # q (log q - log p), in logq's buffer

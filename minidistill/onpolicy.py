@@ -30,6 +30,7 @@ from torch import Tensor
 
 from .chunked import (DEFAULT_CHUNK_BUDGET_MB, chunked_head, compute_dtype, labelled_positions, loss_denominator,
                       resolve_chunk_size, rows_at)
+from .kd import _divergence_
 from .loss import IGNORE_INDEX
 from .rollout import RolloutBatch, rollout, rollout_batch
 from .samples import DataSummary, Sample, SFTData
@@ -105,18 +106,18 @@ def on_policy_kd_loss(student_hidden: Tensor, student_head: Tensor, teacher_hidd
         logq = t.sub_(torch.logsumexp(t, -1, keepdim=True))
         yc = y[s:e, None]  # (c, 1)
         lp_y, lq_y = logp.gather(1, yc).squeeze(1), logq.gather(1, yc).squeeze(1)  # (c,)
-        g = torch.sub(logp, logq, out=logq)  # log p - log q
-        p = logp.exp_()
-        kl = (p * g).sum(-1)  # (c,) exact reverse KL; transient 3rd buffer
+        full = estimator == "full"
+        # kd.py's reverse-KL maths: the exact KL (c,), its gradient w.r.t. z / T when asked; p is
+        # left in logp's buffer.
+        kl, grad = _divergence_(logp, logq, "reverse", 0.0, need_grad and full)
         stats.add_(torch.stack([kl.sum(), lp_y.sum(), lq_y.sum()]))
-        if estimator == "full":
-            # d KL / d (z / T) = p_v (g_v - KL), as in kd.py's reverse maths.
-            return kl * (T * T), (g.sub_(kl[:, None]).mul_(p).mul_(T) if need_grad else None)
+        if full:
+            return kl * (T * T), (grad.mul_(T) if need_grad else None)
         k = lp_y - lq_y  # (c,) the sampled-token estimate
         if not need_grad:
             return k * (T * T), None
         # d [k.detach() * log p(y)] / d (z / T) = k (onehot(y) - p), in p's buffer.
-        grad = p.mul_(-k[:, None]).scatter_add_(1, yc, k[:, None])
+        grad = logp.mul_(-k[:, None]).scatter_add_(1, yc, k[:, None])
         return k * (T * T), grad.mul_(T)
 
     loss_sum = chunked_head(h, student_head, chunk_fn, chunk_size=chunk, vocab=V)

@@ -219,7 +219,8 @@ def train_step(run: Run, micro: list, stop_requested: bool = False) -> dict | No
     for g in run.opt.param_groups:
         g["lr"] = lr
     t_step = time.time()
-    n_trained, n_input = sum(b.num_tokens for b in micro), sum(b.num_input_tokens for b in micro)
+    n_local = sum(b.num_tokens for b in micro)  # this process's trained tokens
+    n_trained, n_input = n_local, sum(b.num_input_tokens for b in micro)
     # Token counts over every process (the loss normaliser), and a step with rollouts counts them.
     roll = rollout_counts(micro)
     counts = all_reduce(torch.tensor([n_trained, n_input, *roll], dtype=torch.float64, device=device), world)
@@ -277,10 +278,10 @@ def train_step(run: Run, micro: list, stop_requested: bool = False) -> dict | No
     row = {"step": state.step, "loss": step_loss, "lr": lr, "grad_norm": norm, "tokens": int(n_trained),
            "tokens_per_s": n_input / (time.time() - t_step), "elapsed_s": time.time() - run.t0, **onp_row}
     if run.kd is not None:
-        local = sum(b.num_tokens for b in micro)  # this process's share, as `covered` is
-        row.update(ce_loss=ce_loss, kd_loss=kd_loss, kd_coverage=covered / max(local, 1))
+        # this process's share, as `covered` is (n_trained is the global count by now)
+        row.update(ce_loss=ce_loss, kd_loss=kd_loss, kd_coverage=covered / max(n_local, 1))
         state.kd_covered += covered
-        state.kd_trained += local
+        state.kd_trained += n_local
     if state.step % cfg.log_every == 0 or state.step == run.total_steps:
         run.metrics.write(row)
     return row
