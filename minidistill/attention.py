@@ -188,9 +188,25 @@ def _cached(q: Tensor, k: Tensor, v: Tensor, cache: "KVCache", layer: int, windo
             mask = mask & (k_idx[None, :] > q_idx[:, None] - window)
         if key_mask is not None:
             mask = mask & key_mask[:, None, None, :Tk]  # (B, 1, T, Tk): each row to its own slots
+    if T == 1 and q.device.type == "cpu":
+        return _one_query(q, k, v, mask).transpose(1, 2)
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                        enable_gqa=q.shape[1] != k.shape[1])  # (B, nh, T, hd)
     return y.transpose(1, 2)
+
+
+def _one_query(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """A decode step on the CPU: each row's one query against its cached keys as two batched matmuls,
+    about 1.3x faster than SDPA's kernel at these sizes (the step reads the cache once either way).
+    q (B, nh, 1, hd), k / v (B, n_kv, Tk, hd), mask (bool, True = attend) broadcastable to
+    (B, 1, 1, Tk) or None -> (B, nh, 1, hd). Query head h reads KV head h // (nh / n_kv), as SDPA's GQA."""
+    B, nh, _, hd = q.shape
+    nkv, Tk = k.shape[1], k.shape[2]
+    scores = torch.matmul(q.reshape(B, nkv, nh // nkv, hd), k.transpose(-1, -2)).mul_(hd ** -0.5)  # (B, n_kv, g, Tk)
+    if mask is not None:
+        scores.masked_fill_(~mask.reshape(-1, 1, 1, Tk), float("-inf"))
+    p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+    return torch.matmul(p, v).reshape(B, nh, 1, hd)
 
 
 # ------------------------------------------------------------------ kernels over flattened tokens
@@ -277,15 +293,21 @@ def per_document_attention(q: Tensor, k: Tensor, v: Tensor, layout: DocLayout, w
     documents within min(tile, GROUP) tokens share a tile with a document + causal mask. The largest
     tensor besides q, k, v is tile x (tile + window): nothing grows with the square of the row.
 
-    Under torch.compile the same maths runs as one opaque op (`minidistill::doc_attention_fwd`), so
-    that a compiled block neither unrolls the plan nor recompiles when the documents change."""
-    if torch.compiler.is_compiling() and q.device.type == "cpu":
+    On the CPU, eager or compiled, the maths runs as one op (`minidistill::doc_attention_fwd`): a
+    compiled block neither unrolls the plan nor recompiles when the documents change, and backward
+    keeps one contiguous output (which o_proj's input is a view of), not one per segment plus the
+    assembled copy. Elsewhere (CUDA without Flex) the segments go through F.scaled_dot_product_attention."""
+    if q.device.type == "cpu":
         return torch.ops.minidistill.doc_attention_fwd(q, k, v, layout.cu_seqlens, -1 if window is None else window,
                                                       tile)[0]
     key = ("segments", window, tile)
     if key not in layout.plans:
         layout.plans[key] = _segments(layout.lengths, window, tile, q.device)
-    plan = layout.plans[key]
+    return per_document_sdpa(q, k, v, layout.plans[key])
+
+
+def per_document_sdpa(q: Tensor, k: Tensor, v: Tensor, plan) -> Tensor:
+    """per_document_attention's segments (a `_segments` plan), each through plain SDPA and autograd."""
     # split (one backward cat) rather than slices (one full-size zero gradient per slice)
     qs, ks, vs = (_pieces(t, plan) for t in (q, k, v))  # pieces (h, L, hd)
     gqa = q.shape[1] != k.shape[1]
@@ -341,21 +363,21 @@ def _segments(lengths: Sequence[int], window: int | None, tile: int,
     return segs
 
 
-# The CPU per-document kernel as a custom op, for compiled blocks: the graph holds one call, the
-# plan is made from cu_seqlens inside (a host read, free on the CPU). Each segment runs the CPU
+# The CPU per-document kernel as a custom op (eager and compiled blocks alike): a graph holds one call,
+# the plan is made from cu_seqlens inside (a host read, free on the CPU). Each segment runs the CPU
 # flash kernel, which returns its logsumexp, so backward runs that kernel's backward: no recompute.
 
 @lru_cache(maxsize=64)
-def _plan(lengths: tuple[int, ...], window: int | None, tile: int, device: str) -> list:
-    return _segments(lengths, window, tile, torch.device(device))
+def _plan(lengths: tuple[int, ...], window: int | None, tile: int, dtype: torch.dtype) -> list:
+    """The segments of these documents, masks made additive in `dtype` (what the flash kernel takes)."""
+    neg = torch.finfo(dtype).min
+    return [(L, back, None if m is None else torch.zeros(m.shape, dtype=dtype).masked_fill_(~m, neg)[None, None])
+            for L, back, m in _segments(lengths, window, tile, torch.device("cpu"))]
 
 
 def _op_plan(q: Tensor, cu_seqlens: Tensor, window: int, tile: int):
-    lengths = tuple(int(n) for n in cu_seqlens.diff().tolist())
-    plan = _plan(lengths, None if window < 0 else window, tile, str(q.device))
-    neg = torch.finfo(q.dtype).min  # additive masks in q's dtype, what the flash kernel takes
-    return [(L, back, None if m is None else torch.zeros(m.shape, dtype=q.dtype, device=q.device)
-             .masked_fill_(~m, neg)[None, None]) for L, back, m in plan]
+    lengths = tuple(int(n) for n in cu_seqlens.diff().tolist())  # a CPU tensor: no device sync
+    return _plan(lengths, None if window < 0 else window, tile, q.dtype)
 
 
 def _pieces(t: Tensor, plan) -> tuple[Tensor, ...]:

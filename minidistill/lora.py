@@ -79,12 +79,14 @@ class _LoRAFunction(torch.autograd.Function):
     - "swiglu": x = xl = silu(p0) * p1 in cdt (the MLP's down projection); saved: p0 and p1,
       which plain autograd would keep anyway, instead of x.
     Also saved: a = xl @ A^T (r wide, B's gradient), the frozen base weights by reference (an NF4
-    base is decoded again in backward). Inputs after p1: (W, b, A, B) per layer.
+    base is decoded again in backward). Inputs after p1: (W, b, A, B) per layer. out_needed=False
+    (a checkpointed block's recomputation, whose outputs are dropped): the same tensors are saved,
+    the base matmuls are skipped and the outputs are zeros.
     """
 
     @staticmethod
-    def forward(ctx, mods: tuple, cdt: torch.dtype, kind: str | None, eps: float, p0: Tensor, p1: Tensor | None,
-                *weights: Tensor | None):
+    def forward(ctx, mods: tuple, cdt: torch.dtype, kind: str | None, eps: float, out_needed: bool, p0: Tensor,
+                p1: Tensor | None, *weights: Tensor | None):
         W, b, A, B = weights[0::4], weights[1::4], weights[2::4], weights[3::4]
         rstd = None
         if kind == "rmsnorm":
@@ -98,13 +100,16 @@ class _LoRAFunction(torch.autograd.Function):
         a2 = a.view(-1, a.shape[-1])  # (N, sum r_i)
         outs, lo = [], 0
         for m, w, bias, Bi in zip(mods, W, b, B):
+            if not out_needed:  # a checkpointed block's recomputation: only what is saved matters
+                outs.append(a.new_zeros(()).expand(*x.shape[:-1], m.out_features))
+                continue
             y = m._base_matmul(x, w, None if bias is None else bias.to(cdt), cdt)  # (..., out_i)
             hi = lo + Bi.shape[1]
             # In place, scale folded into the (out_i, r_i) B: no (N, out_i) temporaries.
             y.view(-1, y.shape[-1]).addmm_(a2[:, lo:hi], (Bi * m.scaling).to(cdt).t())
             outs.append(y)
             lo = hi
-        need = ctx.needs_input_grad[6:]
+        need = ctx.needs_input_grad[7:]
         ctx.mods, ctx.cdt, ctx.kind, ctx.x_shape = mods, cdt, kind, x.shape
         if kind == "rmsnorm":
             keep = (p0, p1, rstd)
@@ -122,8 +127,8 @@ class _LoRAFunction(torch.autograd.Function):
         keep, a, weights = saved[:ctx.n_keep], saved[ctx.n_keep], saved[ctx.n_keep + 1:]
         W, A, B = weights[0::4], weights[2::4], weights[3::4]
         mods, cdt, kind = ctx.mods, ctx.cdt, ctx.kind
-        need_p0, need_p1 = ctx.needs_input_grad[4:6]
-        need = ctx.needs_input_grad[6:]
+        need_p0, need_p1 = ctx.needs_input_grad[5:7]
+        need = ctx.needs_input_grad[7:]
         has_xl = kind is None and need_p1  # a separate dropout output with its own gradient
         need_x = need_p0 if kind is None else (need_p0 or need_p1)
         gx, ga, per_layer = None, [], []
@@ -173,7 +178,7 @@ class _LoRAFunction(torch.autograd.Function):
                 g0, g1 = swiglu_backward(gx, keep[0], keep[1], silu_gate=pre)
             else:
                 g0 = gx
-        out = [None, None, None, None, g0 if need_p0 else None, g1 if need_p1 else None]
+        out = [None, None, None, None, None, g0 if need_p0 else None, g1 if need_p1 else None]
         for (gb, gB), gAi in zip(per_layer, gA):
             out += [None, gb, gAi, gB]
         return tuple(out)
@@ -250,7 +255,7 @@ class LoRALinear(nn.Module):
         x = x.to(cdt)  # one cast (none when x is already in cdt), shared by base and A
         xl = self.dropout(x)
         xl = None if xl is x else xl  # no dropout: x passed once (a tensor twice breaks a compiled graph)
-        return _LoRAFunction.apply((self,), cdt, None, 0.0, x, xl, *self._function_inputs())[0]
+        return _LoRAFunction.apply((self,), cdt, None, 0.0, True, x, xl, *self._function_inputs())[0]
 
     group_takes_norm = True  # model.linear_group may hand group_forward the norm before the group
 
@@ -269,14 +274,17 @@ class LoRALinear(nn.Module):
         cdt = compute_dtype(x)
         inputs = [t for m in mods for t in m._function_inputs()]
         if norm is not None:
-            return list(_LoRAFunction.apply(tuple(mods), cdt, "rmsnorm", norm.eps, x, norm.weight, *inputs))
-        return list(_LoRAFunction.apply(tuple(mods), cdt, None, 0.0, x.to(cdt), None, *inputs))
+            return list(_LoRAFunction.apply(tuple(mods), cdt, "rmsnorm", norm.eps, True, x, norm.weight, *inputs))
+        return list(_LoRAFunction.apply(tuple(mods), cdt, None, 0.0, True, x.to(cdt), None, *inputs))
 
-    def swiglu_forward(self, gate: Tensor, up: Tensor) -> Tensor:
-        """self(silu(gate) * up), saving gate and up but not their product (rebuilt in backward)."""
+    def swiglu_forward(self, gate: Tensor, up: Tensor, out_needed: bool = True) -> Tensor:
+        """self(silu(gate) * up), saving gate and up but not their product (rebuilt in backward).
+
+        out_needed=False (a checkpointed block recomputing its forward, whose output is thrown
+        away): the same tensors are saved, but the base matmul is skipped and zeros come out."""
         if not _fusable(self):
             return self(swiglu(gate, up))
-        return _LoRAFunction.apply((self,), compute_dtype(gate), "swiglu", 0.0, gate, up,
+        return _LoRAFunction.apply((self,), compute_dtype(gate), "swiglu", 0.0, out_needed, gate, up,
                                    *self._function_inputs())[0]
 
     def extra_repr(self) -> str:

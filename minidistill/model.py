@@ -10,6 +10,8 @@ windows, KV cache); packed rows come with a `DocLayout` built on the host by the
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -70,11 +72,13 @@ def linear_group(x: Tensor, mods, norm: nn.Module | None = None) -> list[Tensor]
     return f(x, mods) if norm is None else f(x, mods, norm=norm)
 
 
-def swiglu_linear(gate: Tensor, up: Tensor, down: nn.Module) -> Tensor:
+def swiglu_linear(gate: Tensor, up: Tensor, down: nn.Module, out_needed: bool = True) -> Tensor:
     """down(silu(gate) * up); a LoRA `down` (its `swiglu_forward`) keeps gate and up but not the
-    product, plain layers keep gate and up (fused.swiglu) and the product (their input)."""
+    product, plain layers keep gate and up (fused.swiglu) and the product (their input).
+    out_needed=False: the caller drops the result (a block's recomputation), so a LoRA `down` skips
+    its base matmul (zeros come out)."""
     f = getattr(down, "swiglu_forward", None)
-    return f(gate, up) if f is not None else down(fused.swiglu(gate, up))
+    return f(gate, up, out_needed) if f is not None else down(fused.swiglu(gate, up))
 
 
 class Attention(nn.Module):
@@ -103,6 +107,8 @@ class Attention(nn.Module):
         if hasattr(self, "qkv_proj"):
             q_out, kv_out = self.n_heads * self.head_dim, self.n_kv * self.head_dim
             q, k, v = linear_group(x, (self.qkv_proj,), norm)[0].split((q_out, kv_out, kv_out), dim=-1)  # Q, K, V rows
+            if v.requires_grad:  # attention saves v: as a view it would keep the whole qkv output alive
+                v = v.contiguous()
         else:
             q, k, v = linear_group(x, (self.q_proj, self.k_proj, self.v_proj), norm)
         q, k = q.view(B, T, self.n_heads, self.head_dim), k.view(B, T, self.n_kv, self.head_dim)  # (B, T, nh|n_kv, hd)
@@ -125,14 +131,14 @@ class MLP(nn.Module):
             self.up_proj = nn.Linear(H, I, bias=bias)
         self.down_proj = nn.Linear(I, H, bias=bias)
 
-    def forward(self, x: Tensor, norm: nn.Module | None = None) -> Tensor:
+    def forward(self, x: Tensor, norm: nn.Module | None = None, out_needed: bool = True) -> Tensor:
         """The MLP of x, or of norm(x) when `norm` is given (the block passes its norm so that LoRA
-        projections can run it themselves and not save its output)."""
+        projections can run it themselves and not save its output). out_needed: see swiglu_linear."""
         if hasattr(self, "gate_up_proj"):
             gate, up = linear_group(x, (self.gate_up_proj,), norm)[0].chunk(2, dim=-1)  # (..., I) each
         else:
             gate, up = linear_group(x, (self.gate_proj, self.up_proj), norm)
-        return swiglu_linear(gate, up, self.down_proj)
+        return swiglu_linear(gate, up, self.down_proj, out_needed)
 
 
 class Block(nn.Module):
@@ -145,7 +151,28 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, layout: DocLayout | None, cache: KVCache | None) -> Tensor:
         x = x + self.self_attn(x, cos, sin, layout, cache, self.input_layernorm)  # each applies its norm
-        return x + self.mlp(x, self.post_attention_layernorm)
+        # Recomputed in backward (checkpointing), the block's output is dropped: its last matmul, the
+        # base of down_proj (a quarter of the block's forward), saves nothing and is skipped. Not in a
+        # compiled block: its recomputed graph must save what the forward's graph saved, in order.
+        skip = _RECOMPUTING[0] and not torch.compiler.is_compiling()
+        return x + self.mlp(x, self.post_attention_layernorm, out_needed=not skip)
+
+
+_RECOMPUTING = [False]  # True while torch.utils.checkpoint recomputes a block (`_checkpoint_contexts`)
+
+
+@contextlib.contextmanager
+def _recomputing():
+    prev, _RECOMPUTING[0] = _RECOMPUTING[0], True
+    try:
+        yield
+    finally:
+        _RECOMPUTING[0] = prev
+
+
+def _checkpoint_contexts():
+    """checkpoint's context_fn: nothing for the forward, the `_RECOMPUTING` flag for the recomputation."""
+    return contextlib.nullcontext(), _recomputing()
 
 
 def _mark_dynamic(x: Tensor, cos: Tensor, sin: Tensor, layout: DocLayout | None) -> None:
@@ -230,7 +257,7 @@ class Transformer(nn.Module):
             _mark_dynamic(x, cos, sin, layout)
         for i, block in enumerate(self.model.layers):
             if recompute and i % self.checkpoint_every == 0:
-                x = checkpoint(block, x, cos, sin, layout, cache, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, layout, cache, use_reentrant=False, context_fn=_checkpoint_contexts)
             elif cache is not None and self.compiled_blocks:  # generation: eager (the cache moves every step)
                 x = block._call_impl(x, cos, sin, layout, cache)  # the module call (hooks), not its compiled code
             else:

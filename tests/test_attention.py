@@ -7,6 +7,7 @@ import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -101,6 +102,11 @@ def check_close(got, ref, ref_lowp=None):
 KERNELS = {
     "per-document": A.per_document_attention,
     "per-document-tile4": functools.partial(A.per_document_attention, tile=4),  # long docs in blocks
+    # the same segments through plain SDPA + autograd (what CUDA without Flex runs)
+    "per-document-sdpa": lambda q, k, v, lay, w: A.per_document_sdpa(q, k, v, A._segments(lay.lengths, w, A.TILE,
+                                                                                           q.device)),
+    "per-document-sdpa-tile4": lambda q, k, v, lay, w: A.per_document_sdpa(q, k, v, A._segments(lay.lengths, w, 4,
+                                                                                                 q.device)),
     "varlen-call": functools.partial(A.varlen_attention, kernel=varlen_reference),
     # what compiled blocks run on the CPU: the custom op (flash kernel + its own backward)
     "doc-attention-op": lambda q, k, v, lay, w: torch.ops.minidistill.doc_attention_fwd(
@@ -328,3 +334,22 @@ def test_cuda_kernels_equal_dense_reference(monkeypatch, kernel, window):
         dense = functools.partial(dense_mask_attention, document_ids=doc, window=window)
         ref = run(dense, q, k, v, w, real, torch.float32)
         check_close(run(ours, q, k, v, w, real, torch.bfloat16), ref, run(dense, q, k, v, w, real, torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("heads", [(4, 4), (6, 2), (3, 1)], ids=lambda h: f"{h[0]}q{h[1]}kv")
+def test_decode_step_attention_equals_sdpa(heads, dtype):
+    # The CPU decode path (one query per row, two matmuls) against SDPA: no mask, a per-row key mask
+    # (ragged batches), and a (1, Tk) window mask.
+    nh, nkv = heads
+    g = torch.Generator().manual_seed(nh)
+    B, Tk, hd = 3, 11, 8
+    q = torch.randn(B, nh, 1, hd, generator=g).to(dtype)
+    k, v = (torch.randn(B, nkv, Tk, hd, generator=g).to(dtype) for _ in range(2))
+    starts = torch.tensor([0, 4, 10])
+    masks = [None, (torch.arange(Tk)[None] >= starts[:, None])[:, None, None, :], torch.arange(Tk)[None] > Tk - 4]
+    for mask in masks:
+        got = A._one_query(q, k, v, mask)
+        want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=nh != nkv)
+        tol = 1e-6 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)

@@ -99,4 +99,4 @@ def test_doc_attention_op_fake_and_autograd_registrations():
     torch.library.opcheck(torch.ops.minidistill.doc_attention_fwd.default, (q, k, v, lay.cu_seqlens, 3, 4),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     y = torch.ops.minidistill.doc_attention_fwd(q, k, v, lay.cu_seqlens, 3, 4)[0]
-    assert torch.allclose(y, A.per_document_attention(q, k, v, lay, 3, tile=4), atol=1e-6)
+    assert torch.allclose(y, A.per_document_sdpa(q, k, v, A._segments(lay.lengths, 3, 4, q.device)), atol=1e-6)

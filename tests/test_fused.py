@@ -186,3 +186,48 @@ def test_prologues_save_the_norm_input_and_gate_up_not_their_products():
                                              ((2, 6, 4), torch.bfloat16)], key=str)  # gate, up, a
     y.float().sum().backward()
     assert x.grad is not None and all(m.lora_A.weight.grad is not None for m in [*mods, down])
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])
+@pytest.mark.parametrize("fused_proj", [False, True], ids=["q-k-v", "qkv"])
+def test_a_block_saves_each_activation_once(fused_proj, packed):
+    # fp32, LoRA r 4 on the seven projections: one block's saved storages are exactly its input,
+    # q / k / v (each its own: a v sliced from the fused qkv output would keep that whole output),
+    # the attention output once (o_proj's input is a view of what attention keeps), the logsumexp,
+    # the MLP norm's input, gate and up, the 1/rms of both norms and the r-wide x @ A^T of each
+    # LoRA function. Measured as saved(2 blocks) - saved(1 block), so the shared RoPE tables drop out.
+    from minidistill.attention import doc_layout
+    from minidistill.config import ModelConfig
+    from minidistill.model import Transformer
+    import minidistill as md
+
+    H, I, nh, nkv, hd, r, T = 64, 112, 4, 2, 16, 4, 12
+    cfg = ModelConfig(model_type="llama", vocab_size=96, hidden_size=H, intermediate_size=I, num_hidden_layers=2,
+                      num_attention_heads=nh, num_key_value_heads=nkv, head_dim=hd,
+                      fused_qkv=fused_proj, fused_gate_up=fused_proj)
+    torch.manual_seed(0)
+    model = md.apply_lora(Transformer(cfg), md.LoraConfig(r=r, alpha=8), verbose=False).train()
+    randomise_lora(model)
+    rows = [[5, 7]] if packed else [[T]]
+    ids = torch.randint(0, 96, (1, T))
+    pos = torch.cat([torch.arange(n) for n in rows[0]])[None]
+    kw = dict(position_ids=pos, layout=doc_layout(rows, T)) if packed else {}
+    skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    layers = model.model.layers
+    saved = []
+    for k in (1, 2):
+        model.model.layers = nn.ModuleList(list(layers)[:k])
+        storages = {}  # whole storages: a saved view keeps all of its storage alive
+
+        def pack(t):
+            s = t.untyped_storage()
+            if s.data_ptr() not in skip:
+                storages[s.data_ptr()] = s.nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(ids, **kw).logsumexp(-1).sum()
+        saved.append(sum(storages.values()))
+    model.model.layers = layers
+    lora_a = (1 if fused_proj else 3) + 1 + (1 if fused_proj else 2) + 1  # qkv, o, gate/up, down functions
+    per_token = H + (nh + 2 * nkv) * hd + nh * hd + nh + H + 2 * I + 2 + lora_a * r  # floats
+    assert saved[1] - saved[0] == T * per_token * 4

@@ -240,12 +240,25 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, quantize):
     model = md.apply_lora(md.load_model(tmp_path, dtype=torch.float32, quantize=quantize),
                           md.LoraConfig(r=4, alpha=8), verbose=False).train()
     randomise_lora(model)
-    grads = []
+    grads, matmuls = [], []
+    base_matmul = type(model.model.layers[0].mlp.down_proj)._base_matmul
     for ckpt in (False, True):
         model.gradient_checkpointing = ckpt
         model.zero_grad(set_to_none=True)
-        model(ids()).logsumexp(-1).mean().backward()
+        calls = []
+
+        def counted(self, *args):
+            calls.append(self)
+            return base_matmul(self, *args)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(type(model.model.layers[0].mlp.down_proj), "_base_matmul", counted)
+            model(ids()).logsumexp(-1).mean().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        matmuls.append([(sum(c is b.self_attn.q_proj for c in calls), sum(c is b.mlp.down_proj for c in calls))
+                        for b in model.model.layers])
     assert len(grads[0]) == 2 * 7 * CONFIGS["llama3"]["num_hidden_layers"]
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=0, atol=0, msg=n)
+    # Forward base matmuls per block (q_proj, down_proj): a recomputed block runs q_proj's again but
+    # not down_proj's, whose output only the dropped block output needs.
+    assert matmuls == [[(1, 1)] * len(model.model.layers), [(2, 1)] * len(model.model.layers)]
