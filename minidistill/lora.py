@@ -6,18 +6,16 @@ under the same state-dict keys (`...q_proj.weight`) and adds `lora_A` / `lora_B`
 new_tokens.py's. QLoRA: an `NF4Linear` target becomes `NF4LoRALinear`, the same layer over the
 4-bit base (its packed keys unchanged); `merge_lora` decodes such layers into 16-bit `nn.Linear`s.
 
-Fused Phi-3 models (`qkv_proj`, `gate_up_proj`): the names q/k/v_proj map to `qkv_proj` and
-gate/up_proj to `gate_up_proj`, so the default targets work on every family.
+Fused Phi-3 models: q/k/v_proj mean `qkv_proj` and gate/up_proj `gate_up_proj` (every family).
 
 The LoRA branch (`_LoRAFunction`): A and B stay fp32 master weights, the matmuls run in the
 compute dtype (autocast's inside autocast, else the input's), and backward keeps only what it
 needs: the input once (for A's gradient), x @ A^T (r wide, for B's), and references to the
 frozen weights; the base needs no saved input. Projections reading the same input (q/k/v,
 gate/up) run one A matmul through `LoRALinear.group_forward`. Two prologues go further: given
-the block's RMSNorm, `group_forward` runs the norm inside the function and saves only the
-norm's input (which the norm's own backward needs anyway), not also its output; and
-`swiglu_forward` takes gate and up for the down projection and rebuilds silu(gate) * up in
-backward (fused.py holds the maths).
+the block's RMSNorm, `group_forward` runs the norm inside and saves only the norm's input (which
+its own backward needs anyway), not its output; `swiglu_forward` takes gate and up for the down
+projection and rebuilds silu(gate) * up in backward (fused.py holds the maths).
 """
 
 from __future__ import annotations
@@ -79,9 +77,8 @@ class _LoRAFunction(torch.autograd.Function):
     - "swiglu": x = xl = silu(p0) * p1 in cdt (the MLP's down projection); saved: p0 and p1,
       which plain autograd would keep anyway, instead of x.
     Also saved: a = xl @ A^T (r wide, B's gradient), the frozen base weights by reference (an NF4
-    base is decoded again in backward). Inputs after p1: (W, b, A, B) per layer. out_needed=False
-    (a checkpointed block's recomputation, whose outputs are dropped): the same tensors are saved,
-    the base matmuls are skipped and the outputs are zeros.
+    base is decoded again in backward). Inputs after p1: (W, b, A, B) per layer. out_needed=False (a
+    recomputed block, whose output is dropped): the same tensors saved, no base matmul, zeros out.
     """
 
     @staticmethod
@@ -278,10 +275,7 @@ class LoRALinear(nn.Module):
         return list(_LoRAFunction.apply(tuple(mods), cdt, None, 0.0, True, x.to(cdt), None, *inputs))
 
     def swiglu_forward(self, gate: Tensor, up: Tensor, out_needed: bool = True) -> Tensor:
-        """self(silu(gate) * up), saving gate and up but not their product (rebuilt in backward).
-
-        out_needed=False (a checkpointed block recomputing its forward, whose output is thrown
-        away): the same tensors are saved, but the base matmul is skipped and zeros come out."""
+        """self(silu(gate) * up), saving gate and up, not their product; out_needed: _LoRAFunction's."""
         if not _fusable(self):
             return self(swiglu(gate, up))
         return _LoRAFunction.apply((self,), compute_dtype(gate), "swiglu", 0.0, out_needed, gate, up,

@@ -13,6 +13,7 @@ from torch.utils._pytree import tree_leaves
 
 import minidistill as md
 from minidistill import attention as A
+from minidistill import doc_attention as D
 from minidistill.attention import dense_mask_attention, doc_layout
 from minidistill.config import ModelConfig
 from minidistill.loss import chunked_cross_entropy
@@ -100,17 +101,17 @@ def check_close(got, ref, ref_lowp=None):
 
 
 KERNELS = {
-    "per-document": A.per_document_attention,
-    "per-document-tile4": functools.partial(A.per_document_attention, tile=4),  # long docs in blocks
+    "per-document": D.per_document_attention,
+    "per-document-tile4": functools.partial(D.per_document_attention, tile=4),  # long docs in blocks
     # the same segments through plain SDPA + autograd (what CUDA without Flex runs)
-    "per-document-sdpa": lambda q, k, v, lay, w: A.per_document_sdpa(q, k, v, A._segments(lay.lengths, w, A.TILE,
+    "per-document-sdpa": lambda q, k, v, lay, w: D.per_document_sdpa(q, k, v, D._segments(lay.lengths, w, D.TILE,
                                                                                            q.device)),
-    "per-document-sdpa-tile4": lambda q, k, v, lay, w: A.per_document_sdpa(q, k, v, A._segments(lay.lengths, w, 4,
+    "per-document-sdpa-tile4": lambda q, k, v, lay, w: D.per_document_sdpa(q, k, v, D._segments(lay.lengths, w, 4,
                                                                                                  q.device)),
     "varlen-call": functools.partial(A.varlen_attention, kernel=varlen_reference),
     # what compiled blocks run on the CPU: the custom op (flash kernel + its own backward)
     "doc-attention-op": lambda q, k, v, lay, w: torch.ops.minidistill.doc_attention_fwd(
-        q, k, v, lay.cu_seqlens, -1 if w is None else w, A.TILE)[0],
+        q, k, v, lay.cu_seqlens, -1 if w is None else w, D.TILE)[0],
     "doc-attention-op-tile4": lambda q, k, v, lay, w: torch.ops.minidistill.doc_attention_fwd(
         q, k, v, lay.cu_seqlens, -1 if w is None else w, 4)[0],
 }
@@ -138,15 +139,15 @@ def test_packed_paths_equal_dense_reference(monkeypatch, kernel, layout, window,
 def test_cpu_plan_runs_documents_alone_and_groups_only_tiny_ones():
     # Documents above GROUP tokens run alone, causal with no mask (the kernel then skips the blocks
     # above the diagonal); only runs of documents within GROUP tokens share one masked call.
-    assert A.GROUP == 32
-    plan = A._segments([100, 10, 10, 20, 40, 600], None, 512, torch.device("cpu"))
+    assert D.GROUP == 32
+    plan = D._segments([100, 10, 10, 20, 40, 600], None, 512, torch.device("cpu"))
     assert [(L, back, m is None) for L, back, m in plan] == [
         (100, 0, True), (20, 0, False), (20, 0, True), (40, 0, True), (600, 0, True)]
     want = torch.zeros(20, 20, dtype=torch.bool)
     want[:10, :10] = want[10:, 10:] = torch.ones(10, 10, dtype=torch.bool).tril()  # two documents, causal
     assert torch.equal(plan[1][2], want)
     # a window shorter than a lone document: its own (L, L) causal + window mask, no other document
-    (L, back, m), = A._segments([40], 5, 512, torch.device("cpu"))
+    (L, back, m), = D._segments([40], 5, 512, torch.device("cpu"))
     idx = torch.arange(40)
     assert (L, back) == (40, 0) and torch.equal(m, (idx[None] <= idx[:, None]) & (idx[None] > idx[:, None] - 5))
 

@@ -7,6 +7,7 @@ from torch.utils.checkpoint import checkpoint
 
 import minidistill as md
 from minidistill import attention as A
+from minidistill import doc_attention as D
 from minidistill.attention import doc_layout
 from minidistill.config import ModelConfig
 from minidistill.model import Transformer
@@ -99,4 +100,4 @@ def test_doc_attention_op_fake_and_autograd_registrations():
     torch.library.opcheck(torch.ops.minidistill.doc_attention_fwd.default, (q, k, v, lay.cu_seqlens, 3, 4),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     y = torch.ops.minidistill.doc_attention_fwd(q, k, v, lay.cu_seqlens, 3, 4)[0]
-    assert torch.allclose(y, A.per_document_sdpa(q, k, v, A._segments(lay.lengths, 3, 4, q.device)), atol=1e-6)
+    assert torch.allclose(y, D.per_document_sdpa(q, k, v, D._segments(lay.lengths, 3, 4, q.device)), atol=1e-6)
