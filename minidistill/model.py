@@ -149,13 +149,21 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, layout: DocLayout | None, cache: KVCache | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, layout: DocLayout | None, cache: KVCache | None,
+                recompute_mlp: bool = False) -> Tensor:
+        """recompute_mlp: checkpoint the MLP only (attention keeps its activations, so it never runs twice)."""
         x = x + self.self_attn(x, cos, sin, layout, cache, self.input_layernorm)  # each applies its norm
-        # Recomputed in backward (checkpointing), the block's output is dropped: its last matmul, the
+        if recompute_mlp:  # (a compiled block takes no context_fn: the skip below is eager-only anyway)
+            kw = {} if torch.compiler.is_compiling() else {"context_fn": _checkpoint_contexts}
+            return x + checkpoint(self._mlp, x, use_reentrant=False, **kw)
+        return x + self._mlp(x)
+
+    def _mlp(self, x: Tensor) -> Tensor:
+        # Recomputed in backward (checkpointing), the MLP's output is dropped: its last matmul, the
         # base of down_proj (a quarter of the block's forward), saves nothing and is skipped. Not in a
         # compiled block: its recomputed graph must save what the forward's graph saved, in order.
         skip = _RECOMPUTING[0] and not torch.compiler.is_compiling()
-        return x + self.mlp(x, self.post_attention_layernorm, out_needed=not skip)
+        return self.mlp(x, self.post_attention_layernorm, out_needed=not skip)
 
 
 _RECOMPUTING = [False]  # True while torch.utils.checkpoint recomputes a block (`_checkpoint_contexts`)
@@ -206,6 +214,7 @@ class Transformer(nn.Module):
         self.rotary = Rotary(cfg)
         self.gradient_checkpointing = False  # recompute blocks in backward instead of keeping their activations
         self.checkpoint_every = 1  # ... every block (1), or every k-th one: the others keep theirs
+        self.checkpoint_part = "block"  # what a checkpointed block recomputes: "block" (all) or "mlp"
         self.compiled_blocks = False  # set by compile_blocks
         self.tie_weights()
 
@@ -256,7 +265,9 @@ class Transformer(nn.Module):
         if self.compiled_blocks:
             _mark_dynamic(x, cos, sin, layout)
         for i, block in enumerate(self.model.layers):
-            if recompute and i % self.checkpoint_every == 0:
+            if recompute and i % self.checkpoint_every == 0 and self.checkpoint_part == "mlp":
+                x = block(x, cos, sin, layout, cache, recompute_mlp=True)
+            elif recompute and i % self.checkpoint_every == 0:
                 x = checkpoint(block, x, cos, sin, layout, cache, use_reentrant=False, context_fn=_checkpoint_contexts)
             elif cache is not None and self.compiled_blocks:  # generation: eager (the cache moves every step)
                 x = block._call_impl(x, cos, sin, layout, cache)  # the module call (hooks), not its compiled code

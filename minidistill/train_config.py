@@ -66,6 +66,7 @@ class TrainConfig:
     device: str = flag_field("auto", "cuda, cuda:N, cpu; auto = cuda when available")
     grad_checkpointing: bool = flag_field(True, "recompute each block in backward to save memory")
     checkpoint_every: int = flag_field(1, "with --grad-checkpointing: recompute every k-th block only (the others keep their activations: faster, more memory)")
+    checkpoint_part: str = flag_field("block", "with --grad-checkpointing: what a checkpointed block recomputes: block (all of it) or mlp (its MLP only: attention keeps its activations and never runs twice, for long rows)", choices=["block", "mlp"])
     pad_to_multiple: int = flag_field(64, "round each batch's row length up to a multiple of this (fewer shapes, less allocator fragmentation)")
     activation_offload: bool = flag_field(False, "CUDA: keep the activations saved for backward (the block inputs, with --grad-checkpointing) in pinned host memory")
     compile: bool = flag_field(False, "torch.compile each block (inductor); the first steps pay the compilation (minutes on a CPU)")

@@ -133,6 +133,7 @@ def setup(cfg: TrainConfig) -> Run:
     torch.manual_seed(cfg.seed)
     apply_lora(model, cfg.lora, verbose=rank == 0)
     model.gradient_checkpointing, model.checkpoint_every = cfg.grad_checkpointing, cfg.checkpoint_every
+    model.checkpoint_part = cfg.checkpoint_part
     if cfg.fsdp:
         shard_blocks(model, dtype, device)  # replaces the block parameters: the optimizer comes after
     if cfg.compile:

@@ -56,8 +56,10 @@ def test_lora_block_on_packed_rows_has_no_graph_break(dropout, ckpt):
     assert any("doc_attention" in o for o in ops)  # the packed attention is in the graph, as one op
 
 
-def test_compiled_gradients_equal_eager_and_no_recompile():
-    # Checkpointing on in the compiled run (the train command's default), off in the eager one.
+@pytest.mark.parametrize("part", ["block", "mlp"])
+def test_compiled_gradients_equal_eager_and_no_recompile(part):
+    # Checkpointing on in the compiled run (the train command's default; the whole block, or its MLP
+    # only), off in the eager one.
     model = lora_model(layers=1)  # one graph (more blocks reuse it: the test of that is the recompile count)
     steps = [([[20, 13], [5, 30]], 64), ([[70, 50], [3, 100, 9]], 128)]
 
@@ -71,7 +73,7 @@ def test_compiled_gradients_equal_eager_and_no_recompile():
     want = [step(*s) for s in steps]
     torch._dynamo.reset()
     model.compile_blocks(backend="aot_eager")
-    model.gradient_checkpointing = True
+    model.gradient_checkpointing, model.checkpoint_part = True, part
     stats = torch._dynamo.utils.counters["stats"]
     for i, (s, (logits, grads)) in enumerate(zip(steps, want)):
         got_logits, got = step(*s)

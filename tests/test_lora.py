@@ -242,8 +242,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, quantize):
     randomise_lora(model)
     grads, matmuls = [], []
     base_matmul = type(model.model.layers[0].mlp.down_proj)._base_matmul
-    for ckpt in (False, True):
-        model.gradient_checkpointing = ckpt
+    for ckpt, part in ((False, "block"), (True, "block"), (True, "mlp")):
+        model.gradient_checkpointing, model.checkpoint_part = ckpt, part
         model.zero_grad(set_to_none=True)
         calls = []
 
@@ -254,11 +254,14 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, quantize):
             mp.setattr(type(model.model.layers[0].mlp.down_proj), "_base_matmul", counted)
             model(ids()).logsumexp(-1).mean().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
-        matmuls.append([(sum(c is b.self_attn.q_proj for c in calls), sum(c is b.mlp.down_proj for c in calls))
-                        for b in model.model.layers])
+        matmuls.append([tuple(sum(c is m for c in calls) for m in (b.self_attn.q_proj, b.mlp.gate_proj, b.mlp.down_proj))
+                         for b in model.model.layers])
     assert len(grads[0]) == 2 * 7 * CONFIGS["llama3"]["num_hidden_layers"]
-    for n in grads[0]:
-        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=0, atol=0, msg=n)
-    # Forward base matmuls per block (q_proj, down_proj): a recomputed block runs q_proj's again but
-    # not down_proj's, whose output only the dropped block output needs.
-    assert matmuls == [[(1, 1)] * len(model.model.layers), [(2, 1)] * len(model.model.layers)]
+    for g in grads[1:]:
+        for n in grads[0]:
+            torch.testing.assert_close(g[n], grads[0][n], rtol=0, atol=0, msg=n)
+    # Forward base matmuls per block (q_proj, gate_proj, down_proj): a recomputed block runs q_proj's
+    # and gate_proj's again but not down_proj's, whose output only the dropped block output needs;
+    # with checkpoint_part "mlp" attention is not recomputed at all.
+    n = len(model.model.layers)
+    assert matmuls == [[(1, 1, 1)] * n, [(2, 2, 1)] * n, [(1, 2, 1)] * n]

@@ -67,9 +67,10 @@ def step_watched(run, micro, monkeypatch) -> tuple[dict, list[str], list]:
     return row, c.seen, reads
 
 
-@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("recompute", [False, "block", "mlp"])
 def test_a_step_has_one_host_read_and_no_sync_inside(tiny, tmp_path, monkeypatch, recompute):
-    run = setup(config(tiny, tmp_path / "run", grad_checkpointing=recompute))
+    run = setup(config(tiny, tmp_path / "run", grad_checkpointing=bool(recompute), checkpoint_part=recompute or "block"))
+    assert (run.model.gradient_checkpointing, run.model.checkpoint_part) == (bool(recompute), recompute or "block")
     micro = run.stream.take(run.state, 3)
     row, seen, reads = step_watched(run, micro, monkeypatch)
     assert seen == [], seen  # nothing in the step waits for the device...
