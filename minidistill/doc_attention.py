@@ -56,10 +56,8 @@ def per_document_sdpa(q: Tensor, k: Tensor, v: Tensor, plan) -> Tensor:
     gqa = q.shape[1] != k.shape[1]
     out = []
     for i, (_, back, mask) in enumerate(plan):
-        kk = ks[i] if back == 0 else torch.cat(ks[i - back: i + 1], dim=1)  # (n_kv, keys, hd)
-        vv = vs[i] if back == 0 else torch.cat(vs[i - back: i + 1], dim=1)
-        y = F.scaled_dot_product_attention(qs[i][None], kk[None], vv[None], attn_mask=mask,
-                                           is_causal=mask is None, enable_gqa=gqa)  # (1, nh, L, hd)
+        y = F.scaled_dot_product_attention(qs[i][None], _keys(ks, i, back)[None], _keys(vs, i, back)[None],
+                                           attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)  # (1, nh, L, hd)
         out.append(y[0])
     return torch.cat(out, dim=1).transpose(0, 1)  # (n, nh, hd)
 

@@ -265,9 +265,10 @@ class Transformer(nn.Module):
         if self.compiled_blocks:
             _mark_dynamic(x, cos, sin, layout)
         for i, block in enumerate(self.model.layers):
-            if recompute and i % self.checkpoint_every == 0 and self.checkpoint_part == "mlp":
+            ckpt = recompute and i % self.checkpoint_every == 0
+            if ckpt and self.checkpoint_part == "mlp":
                 x = block(x, cos, sin, layout, cache, recompute_mlp=True)
-            elif recompute and i % self.checkpoint_every == 0:
+            elif ckpt:
                 x = checkpoint(block, x, cos, sin, layout, cache, use_reentrant=False, context_fn=_checkpoint_contexts)
             elif cache is not None and self.compiled_blocks:  # generation: eager (the cache moves every step)
                 x = block._call_impl(x, cos, sin, layout, cache)  # the module call (hooks), not its compiled code
