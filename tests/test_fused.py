@@ -5,9 +5,12 @@ import pytest
 import torch
 from torch import nn
 
+import minidistill as md
 from minidistill import fused
+from minidistill.attention import doc_layout
+from minidistill.config import ModelConfig
 from minidistill.lora import LoRALinear
-from minidistill.model import RMSNorm, linear_group, swiglu_linear
+from minidistill.model import RMSNorm, Transformer, linear_group, swiglu_linear
 from model_fixtures import randomise_lora
 
 SHAPES = [(1, 1, 8), (3, 7, 33), (2, 5, 4, 17)]  # one token; odd widths; (B, T, heads, head_dim) as q/k norms
@@ -196,11 +199,6 @@ def test_a_block_saves_each_activation_once(fused_proj, packed):
     # the attention output once (o_proj's input is a view of what attention keeps), the logsumexp,
     # the MLP norm's input, gate and up, the 1/rms of both norms and the r-wide x @ A^T of each
     # LoRA function. Measured as saved(2 blocks) - saved(1 block), so the shared RoPE tables drop out.
-    from minidistill.attention import doc_layout
-    from minidistill.config import ModelConfig
-    from minidistill.model import Transformer
-    import minidistill as md
-
     H, I, nh, nkv, hd, r, T = 64, 112, 4, 2, 16, 4, 12
     cfg = ModelConfig(model_type="llama", vocab_size=96, hidden_size=H, intermediate_size=I, num_hidden_layers=2,
                       num_attention_heads=nh, num_key_value_heads=nkv, head_dim=hd,
