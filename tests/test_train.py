@@ -40,6 +40,24 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "minidistill.train"]
+
+
+def one_and_two_processes(root: Path, one: Path, two: Path, one_args: list[str], two_args: list[str], *,
+                          atol: float, rtol: float) -> tuple[dict, dict]:
+    """Train with one process (one_args), then with two under torchrun (two_args); asserts the two
+    runs' adapters have the same keys and agree within atol / rtol; returns both adapters."""
+    subprocess.run([sys.executable, "-m", "minidistill.train", *one_args], check=True, env=env(root),
+                   capture_output=True, timeout=300)
+    r = subprocess.run([*TORCHRUN, *two_args], env=env(root), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = adapter(one), adapter(two)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=atol, rtol=rtol), k
+    return a, b
+
+
 def common(model, data, out, steps=8) -> list[str]:
     return ["--model", str(model), "--data", str(data), "--output", str(out), "--max-steps", str(steps),
             "--batch-size", "2", "--grad-accum", "2", "--max-seq-len", "128", "--lr", "5e-3", "--warmup-steps", "2",
@@ -142,16 +160,8 @@ def test_ddp_two_processes_match_one(setup):
     root, model, data = setup
     one, two = root / "one", root / "two"
     base = common(model, data, one, steps=4) + ["--lora-dropout", "0.0", "--batch-size", "1"]
-    subprocess.run([sys.executable, "-m", "minidistill.train", *base], check=True, env=env(root),
-                   capture_output=True, timeout=300)
     ddp = common(model, data, two, steps=4) + ["--lora-dropout", "0.0", "--batch-size", "1", "--grad-accum", "1"]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                        "-m", "minidistill.train", *ddp], env=env(root), capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    a = adapter(one)
-    b = adapter(two)
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5), k
+    one_and_two_processes(root, one, two, base, ddp, atol=1e-6, rtol=1e-5)
     ra = metrics(one)
     rb = metrics(two)
     assert [r["loss"] for r in ra] == pytest.approx([r["loss"] for r in rb], rel=1e-6)
@@ -166,16 +176,8 @@ def test_on_policy_ddp_two_processes_match_one(setup):
     one, two = root / "onp-one", root / "onp-two"
     extra = ["--teacher", str(teacher), "--on-policy", "--rollout-tokens", "8", "--rollout-temperature", "2.0",
              "--lora-dropout", "0.0", "--batch-size", "1"]
-    subprocess.run([sys.executable, "-m", "minidistill.train", *common(model, data, one, steps=3), *extra],
-                   check=True, env=env(root), capture_output=True, timeout=300)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "minidistill.train",
-                        *common(model, data, two, steps=3), *extra, "--grad-accum", "1"], env=env(root),
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    a = adapter(one)
-    b = adapter(two)
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5), k
+    one_and_two_processes(root, one, two, [*common(model, data, one, steps=3), *extra],
+                          [*common(model, data, two, steps=3), *extra, "--grad-accum", "1"], atol=1e-6, rtol=1e-5)
     ra = metrics(one)
     rb = metrics(two)
     assert [r["rollout_len_mean"] for r in ra] == [r["rollout_len_mean"] for r in rb]
@@ -187,22 +189,13 @@ def test_fsdp_two_processes_match_one_and_resume(setup):
     one, two = root / "fsdp-one", root / "fsdp-two"
     base = common(model, data, one, steps=6) + ["--lora-dropout", "0.0", "--batch-size", "1", "--save-every", "3",
                                                 "--eval-split", "0.05", "--eval-every", "3"]
-    subprocess.run([sys.executable, "-m", "minidistill.train", *base], check=True, env=env(root),
-                   capture_output=True, timeout=300)
     shard = common(model, data, two, steps=6) + ["--lora-dropout", "0.0", "--batch-size", "1", "--grad-accum", "1",
                                                  "--save-every", "3", "--eval-split", "0.05", "--eval-every", "3",
                                                  "--fsdp"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "minidistill.train"]
-    r = subprocess.run([*torchrun, *shard], env=env(root), capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    a = adapter(one)
-    b = adapter(two)
-    assert a.keys() == b.keys()
     # fp32 sums in another order (reduce-scatter across two processes); Adam normalises each
     # update, which magnifies that noise on near-zero gradients to ~1e-5. A sharding or data bug
     # moves weights by ~lr (5e-3); a gradient-scale bug shows in grad_norm below.
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=2e-5, rtol=1e-4), k
+    a, b = one_and_two_processes(root, one, two, base, shard, atol=2e-5, rtol=1e-4)
     rows_a = metrics(one)
     rows_b = metrics(two)
     train_a, train_b = [r for r in rows_a if "loss" in r], [r for r in rows_b if "loss" in r]
@@ -216,7 +209,7 @@ def test_fsdp_two_processes_match_one_and_resume(setup):
     import shutil
     shutil.rmtree(two / "checkpoints" / "step_000006")
     (two / "adapter" / "adapter_model.safetensors").unlink()
-    r = subprocess.run([*torchrun, *shard, "--resume"], env=env(root), capture_output=True, text=True, timeout=300)
+    r = subprocess.run([*TORCHRUN, *shard, "--resume"], env=env(root), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     c = adapter(two)
     for k in a:
