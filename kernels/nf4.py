@@ -112,13 +112,10 @@ def _check(packed: torch.Tensor, state: NF4State, dtype: torch.dtype) -> tuple[i
     return n, n_blocks
 
 
-def dequantize_nf4_triton(packed: torch.Tensor, state: NF4State, dtype: torch.dtype,
-                          out: torch.Tensor | None = None) -> torch.Tensor:
-    """Dequantize with the Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1), into `out` (a
-    contiguous tensor of numel(shape) elements in `dtype`, reused by the caller) or a new tensor."""
-    n, n_blocks = _check(packed, state, dtype)
-    if triton is None:
-        raise RuntimeError("triton is not installed; use dequantize_nf4_reference")
+def _check_launch(kernel, name: str, packed: torch.Tensor, state: NF4State, x: torch.Tensor | None = None) -> bool:
+    """Before a launch: the NF4 tensors contiguous on packed's device, x (when given) on it too, and
+    a device the kernel runs on (CUDA, or any under TRITON_INTERPRET=1). Returns whether the
+    kernel is the interpreter's."""
     tensors = [packed, state.absmax, state.code]
     if state.nested:
         tensors += [state.nested_absmax, state.nested_code, state.offset]
@@ -126,10 +123,23 @@ def dequantize_nf4_triton(packed: torch.Tensor, state: NF4State, dtype: torch.dt
         if t.device != packed.device or not t.is_contiguous():
             raise ValueError(f"NF4 tensors must be contiguous and on {packed.device}; got one on "
                              f"{t.device} (contiguous={t.is_contiguous()})")
-    interpret = type(_dequant_nf4_kernel).__name__ == "InterpretedFunction"
+    if x is not None and x.device != packed.device:
+        raise ValueError(f"x is on {x.device} but the NF4 tensors are on {packed.device}: move one of them")
+    interpret = type(kernel).__name__ == "InterpretedFunction"
     if packed.device.type != "cuda" and not interpret:
-        raise ValueError(f"the NF4 kernel needs CUDA tensors (got {packed.device}) or "
+        raise ValueError(f"the {name} kernel needs CUDA tensors (got {packed.device}) or "
                          "TRITON_INTERPRET=1 set before triton is imported")
+    return interpret
+
+
+def dequantize_nf4_triton(packed: torch.Tensor, state: NF4State, dtype: torch.dtype,
+                          out: torch.Tensor | None = None) -> torch.Tensor:
+    """Dequantize with the Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1), into `out` (a
+    contiguous tensor of numel(shape) elements in `dtype`, reused by the caller) or a new tensor."""
+    n, n_blocks = _check(packed, state, dtype)
+    if triton is None:
+        raise RuntimeError("triton is not installed; use dequantize_nf4_reference")
+    _check_launch(_dequant_nf4_kernel, "NF4", packed, state)
     out = _out(out, state, dtype, n, packed.device)
     if n == 0:
         return out

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from minidistill.kernels.nf4 import _check, dequantize_nf4_reference, triton
+from minidistill.kernels.nf4 import _check, _check_launch, dequantize_nf4_reference, triton
 
 if triton is not None:
     import triton.language as tl
@@ -145,16 +145,7 @@ def nf4_matvec(x: torch.Tensor, packed: torch.Tensor, state: NF4State, bias: tor
     M = x2.shape[0]
     if M > MAX_ROWS:
         raise ValueError(f"nf4_matvec takes at most {MAX_ROWS} rows, got {M}: decode the weight and matmul")
-    tensors = [x2, packed, state.absmax, state.code] + (
-        [state.nested_absmax, state.nested_code, state.offset] if state.nested else [])
-    for t in tensors:
-        if t.device != packed.device or not (t is x2 or t.is_contiguous()):
-            raise ValueError(f"x and the NF4 tensors must be on one device, the NF4 ones contiguous; got one "
-                             f"on {t.device} (contiguous={t.is_contiguous()}), packed on {packed.device}")
-    interpret = type(_nf4_matvec_kernel).__name__ == "InterpretedFunction"
-    if packed.device.type != "cuda" and not interpret:
-        raise ValueError(f"the NF4 matvec kernel needs CUDA tensors (got {packed.device}) or "
-                         "TRITON_INTERPRET=1 set before triton is imported")
+    interpret = _check_launch(_nf4_matvec_kernel, "NF4 matvec", packed, state, x2)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     block_m = 1 if M == 1 else 16  # tl.dot needs 16 rows: fewer are masked
