@@ -493,7 +493,7 @@ def measure_shape(name: str, args, device, dtype) -> list[dict]:
     """Every row of one model shape at one sequence length."""
     shape = shape_config(name)
     cfg = ModelConfig.from_hf(dict(shape, hidden_act="silu"))
-    amp = torch.autocast(device.type, dtype=dtype) if device.type == "cuda" else contextlib.nullcontext()
+    amp = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     impls = [i for i in args.impls.split(",") if i]
     want_hf = any(i.startswith("hf") for i in impls)
     have_hf = all(importlib.util.find_spec(m) for m in ("transformers", "peft"))
@@ -536,7 +536,7 @@ def measure_shape(name: str, args, device, dtype) -> list[dict]:
                 rows.append(Row(built[impl], lay, ck, micro, dict(info, layout=lay, ckpt=ck, status="ok",
                                                                    micro_batches=len(micro))))
     live = [r for r in rows if r.impl is not None]
-    if device.type == "cpu" and args.bf16_saved:
+    if device.type == "cpu" and args.bf16_saved and dtype == torch.float32:
         saved_bf16(live, shape, cfg, block_mask)
     for r in live:  # the untimed measurements, one row at a time
         try:
@@ -839,13 +839,17 @@ def main() -> None:
     p.add_argument("--hf-batch", type=int, default=4, help="rows per batch of the transformers train loop")
     p.add_argument("--bf16-saved", action=argparse.BooleanOptionalAction, default=True,
                    help="CPU: also measure saved bytes with bf16 weights under bf16 autocast (the GPU recipe)")
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="base weights and autocast: bf16 = bf16 weights under bf16 autocast, LoRA weights fp32 "
+                        "(the GPU recipe; on a CPU with AMX its matmuls are several times fp32's); "
+                        "auto = bf16 on CUDA, fp32 on the CPU")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--markdown", default=None, help="also write the tables as markdown to this file")
     p.add_argument("--smoke", action="store_true", help="tiny shape on the CPU, one timed step: proves it runs")
     args = p.parse_args()
     cuda = torch.cuda.is_available() and not args.smoke
     device = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.bfloat16 if cuda else torch.float32
+    dtype = torch.bfloat16 if args.dtype == "bf16" or (args.dtype == "auto" and cuda) else torch.float32
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.smoke:

@@ -39,7 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from .chunked import chunk_rows
+from .chunked import chunk_bounds, chunk_rows
 from .kd import topk_targets
 from .loss import IGNORE_INDEX
 
@@ -130,8 +130,8 @@ def cache_logits(teacher, data, output: str | Path, *, top_k: int = 32, batch_si
         hidden = teacher(ids.to(device), return_hidden=True)  # (B, T, H)
         for r, s in enumerate(batch):
             h = hidden[r][labels[r].to(device) != IGNORE_INDEX]  # (n, H), this sample's labelled positions
-            for c in range(0, h.shape[0], chunk_size):
-                logits = h[c: c + chunk_size].to(head.dtype) @ head.t()  # (c, V)
+            for c, e in chunk_bounds(h.shape[0], chunk_size):
+                logits = h[c:e].to(head.dtype) @ head.t()  # (c, V)
                 tid, lq, tail = topk_targets(logits, top_k, temperature)
                 buf["ids"].append(tid.cpu())
                 buf["logprobs"].append(lq.to(STORE_DTYPES[dtype]).cpu())

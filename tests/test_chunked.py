@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from minidistill.chunked import (
+    chunk_bounds,
     chunk_rows,
     chunked_head,
     compute_dtype,
@@ -56,8 +57,23 @@ def test_any_chunk_fn_gets_exact_value_and_gradients(chunk):
     torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(hh.grad, 2.5 * gh, rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(ww.grad, 2.5 * gw, rtol=1e-6, atol=1e-5)
-    starts = list(range(0, N, chunk))
-    assert calls == [(s, min(s + chunk, N), True) for s in starts]  # every row once, in order
+    assert [(s, e) for s, e, _ in calls] == chunk_bounds(N, chunk)  # every row once, in order
+    assert all(need for _, _, need in calls)
+    assert len(calls) == -(-N // chunk) and max(e - s for s, e, _ in calls) <= chunk
+
+
+def test_chunk_bounds_are_even_and_cover_every_row_once():
+    # 193 labelled rows in chunks of at most 192 (Phi-4-mini, bf16): two of 96/97, not 192 + 1
+    assert chunk_bounds(193, 192) == [(0, 96), (96, 193)]
+    assert chunk_bounds(10, 3) == [(0, 2), (2, 5), (5, 7), (7, 10)]
+    assert chunk_bounds(10, 10) == chunk_bounds(10, 15) == [(0, 10)]
+    assert chunk_bounds(0, 4) == []
+    for n in range(1, 60):
+        for c in range(1, 20):
+            b = chunk_bounds(n, c)
+            sizes = [e - s for s, e in b]
+            assert b[0][0] == 0 and b[-1][1] == n and all(b[i][1] == b[i + 1][0] for i in range(len(b) - 1))
+            assert len(b) == -(-n // c) and max(sizes) <= c and max(sizes) - min(sizes) <= 1
 
 
 def test_rows_past_vocab_get_no_logits_and_zero_gradient():
@@ -110,11 +126,11 @@ def test_chunk_rows_from_budget():
     from minidistill.chunked import chunk_rows
 
     # Phi-4-mini: one fp32 (c, V) buffer, 200,064 * 4 + 3072 * 12 bytes a row -> 320 rows in 256 MiB;
-    # bf16 adds the compute-dtype logits (2 bytes) -> 216 rows -> 192 (multiples of 32).
+    # bf16 adds the compute-dtype logits (2 bytes) -> 216 rows.
     assert chunk_rows(200064, 3072, torch.float32, buffers=1) == 320
-    assert chunk_rows(200064, 3072, torch.bfloat16, buffers=1) == 192
-    assert chunk_rows(200064, 3072, torch.float32, buffers=3) == 96  # KD keeps three: 110 -> 96
-    assert chunk_rows(200064, 3072, torch.float32, buffers=1, budget_mb=1024) == 1280
+    assert chunk_rows(200064, 3072, torch.bfloat16, buffers=1) == 216
+    assert chunk_rows(200064, 3072, torch.float32, buffers=3) == 110  # KD keeps three
+    assert chunk_rows(200064, 3072, torch.float32, buffers=1, budget_mb=1024) == 1282
     assert chunk_rows(200064, 3072, torch.float32, buffers=4, budget_mb=1) == 16  # floor
     with pytest.raises(ValueError, match="chunk_budget_mb"):
         chunk_rows(100, 8, torch.float32, buffers=1, budget_mb=0)
@@ -123,7 +139,7 @@ def test_chunk_rows_from_budget():
 def test_resolve_chunk_size():
     assert resolve_chunk_size(None, 256.0, 200064, 3072, torch.float32, 1) == chunk_rows(
         200064, 3072, torch.float32, buffers=1) == 320
-    # Below 32 rows the budget's count is kept as it is (no rounding to 0).
+    # The budget's count as it is (no rounding to a tile multiple).
     assert chunk_rows(1000, 8, torch.float32, buffers=1, budget_mb=20 * (4000 + 96) / 2**20) == 20
     assert resolve_chunk_size(7, 256.0, 100, 8, torch.float32, 1) == 7  # given: used as is
     with pytest.raises(ValueError, match="chunk_size must be >= 1 .* got 0"):
