@@ -165,8 +165,12 @@ def main() -> None:
     p.add_argument("--nf4-prompts", type=int, default=4, help="prompts of the NF4 rows, batch 1 (0: no NF4 rows; "
                                                               "default: %(default)s)")
     p.add_argument("--nf4-only", action="store_true", help="only the NF4 rows")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="weights and compute of both libraries (bf16: on a CPU with AMX its matmuls are several "
+                        "times fp32's; greedy tokens may then part where two logits round alike; default: %(default)s)")
     p.add_argument("--smoke", action="store_true", help="tiny shape: proves the script runs")
     args = p.parse_args()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     if transformers is None:
         raise SystemExit("this benchmark compares with transformers: pip install transformers")
     if args.threads:
@@ -180,8 +184,8 @@ def main() -> None:
     # ends replies at geometrically spread lengths (mean about n_new / 2), like end-of-turn tokens do.
     eos = set(torch.randperm(V - 1, generator=g)[: max(1, 2 * V // n_new)].add(1).tolist())
     folder = tempfile.mkdtemp(prefix="bench_generate_")
-    ref = write_model(hub, folder)
-    model = md.load_model(folder, dtype=torch.float32)
+    ref = write_model(hub, folder).to(dtype)
+    model = md.load_model(folder, dtype=dtype)
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     impls = {"ours": lambda ps, bs, stop: sampling.generate_ids_batch(model, ps, max_new_tokens=n_new, batch_size=bs,
                                                                         stop_ids=stop),
@@ -205,7 +209,7 @@ def main() -> None:
                     print(f"  {scenario}, batch {bs}, {name}: {time.perf_counter() - t:.1f} s", file=sys.stderr,
                           flush=True)
             for name in names:
-                sec, n_tok = best[name], sum(map(len, results["ours"]))  # every row counts the same tokens
+                sec, n_tok = best[name], sum(map(len, results[name]))  # its own tokens (bf16 may part)
                 rows.append({"scenario": scenario, "batch": bs, "impl": name, "prompts": len(ps),
                              "new_tokens": n_tok, "seconds": round(sec, 2), "tokens_per_s": round(n_tok / sec, 1)})
             want = results["transformers"]
@@ -214,7 +218,7 @@ def main() -> None:
                 same = sum(a == b for x, y in zip(got, want) for a, b in zip(x, y)) if \
                     [len(x) for x in got] == [len(y) for y in want] else 0
                 r["same_as_transformers"] = f"{same}/{sum(map(len, want))}"
-    print(f"model: {'tiny' if args.smoke else 'SmolLM2-135M shape'}, random weights, fp32, "
+    print(f"model: {'tiny' if args.smoke else 'SmolLM2-135M shape'}, random weights, {args.dtype}, "
           f"{torch.get_num_threads()} thread(s); {args.prompts} prompts of {args.min_len}-{args.max_len} tokens "
           f"(mean {sum(lengths) / len(lengths):.0f}); up to {n_new} new tokens, greedy")
     print("| scenario | batch | impl | prompts | new tokens | seconds | tokens/s | greedy tokens = transformers |")

@@ -66,6 +66,16 @@ def test_sample_next_inverse_cdf_and_nucleus():
         sample_next(logits, 0.7)
 
 
+def test_greedy_picks_the_first_of_tied_maxima_as_argmax_does():
+    g = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = torch.randint(0, 4, (64, 300), generator=g).to(dtype)  # many ties for the top
+        logits[5, 17] = float("nan")  # a NaN wins, as in argmax
+        got = sample_next(logits, 0.0)
+        assert got.tolist() == logits.argmax(-1).tolist() and got[5] == 17
+        assert all(int(logits[r].eq(logits[r].max()).nonzero()[0]) == int(got[r]) for r in range(64) if r != 5)
+
+
 # phi4-mini: original context 32; prompts of 20 and 31 tokens cross it while generating, 40 starts past it.
 # phi3-window: sliding window 7, shorter than every longer prompt.
 @pytest.mark.parametrize("name, lengths", [("llama3-tied", [1, 9, 3, 17, 6]), ("phi4-mini", [1, 20, 40, 7, 31]),
