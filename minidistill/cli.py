@@ -91,15 +91,22 @@ def config_from_args(cls, args: argparse.Namespace | dict, *, prefix: str = ""):
     return cls(**kw)
 
 
-def flag_values(cfg) -> dict[str, Any]:
-    """{--flag: value} of a config, nested ones flattened: what a user would type to get it."""
+def config_values(cfg) -> dict[str, Any]:
+    """{dest: value} of a config, nested ones flattened (dest as in `_flags`); as
+    `parser.set_defaults(**config_values(cfg))` it makes cfg's values the flags' defaults."""
     out = {}
-    for dest, flag, _ in _flags(type(cfg)):
+    for dest, _, _ in _flags(type(cfg)):
         v = cfg
         for part in dest.split("."):
             v = getattr(v, part)
-        out[flag] = list(v) if isinstance(v, tuple) else v
+        out[dest] = v
     return out
+
+
+def flag_values(cfg) -> dict[str, Any]:
+    """{--flag: value} of a config, nested ones flattened: what a user would type to get it."""
+    flag = {dest: f for dest, f, _ in _flags(type(cfg))}
+    return {flag[d]: list(v) if isinstance(v, tuple) else v for d, v in config_values(cfg).items()}
 
 
 def flags_of_dict(d: dict, cls) -> dict[str, Any]:

@@ -11,24 +11,38 @@ import shutil
 import sys
 from pathlib import Path
 
-from .cli import add_config_flags, config_from_args, run
+from .cli import add_config_flags, config_from_args, config_values, run
 from .trainer import train
 from .train_config import TrainConfig, check_config
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    return _parse(argv)[0]
+
+
+def _parse(argv: list[str] | None) -> tuple[TrainConfig, bool]:
+    """The config of these flags, and whether it is the offline demo's: flags without --model and
+    --data change the demo's settings (e.g. `--dtype bf16 --max-steps 50`)."""
     p = argparse.ArgumentParser(prog="python -m minidistill.train", allow_abbrev=False,
-                                description="LoRA/QLoRA fine-tuning on reasoning traces. No arguments: the offline demo.",
+                                description="LoRA/QLoRA fine-tuning on reasoning traces. No arguments: the offline "
+                                            "demo; flags without --model and --data change its settings.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_config_flags(p, TrainConfig)
-    try:
-        cfg = config_from_args(TrainConfig, p.parse_args(argv))
-    except ValueError as e:  # a nested config refusing its values
-        p.error(str(e))
+
+    def parse() -> TrainConfig:
+        try:
+            return config_from_args(TrainConfig, p.parse_args(argv))
+        except ValueError as e:  # a nested config refusing its values
+            p.error(str(e))
+    cfg = parse()
+    demo = cfg.model is None and cfg.data is None
+    if demo:
+        p.set_defaults(**config_values(demo_config()))
+        cfg = parse()
     problems = check_config(cfg)
     if problems:
         p.error("; ".join(problems))
-    return cfg
+    return cfg, demo
 
 
 def demo_config() -> TrainConfig:
@@ -46,16 +60,14 @@ def demo_config() -> TrainConfig:
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv:
-        print("no arguments: running the offline demo (a tiny random model learns arithmetic reasoning "
-              "traces on CPU; see --help for a real run)")
-        cfg = demo_config()
-        if Path(cfg.output).exists():
-            shutil.rmtree(cfg.output)  # the demo always starts fresh
-    else:
-        cfg = parse_args(argv)
+    cfg, demo = _parse(argv)
+    if demo:
+        print("running the offline demo (a tiny random model learns arithmetic reasoning traces on CPU; "
+              "see --help for a real run)")
+        if cfg.output == demo_config().output and Path(cfg.output).exists():
+            shutil.rmtree(cfg.output)  # the demo's own folder always starts fresh
     summary = train(cfg)
-    if not argv:
+    if demo:
         print(f"  demo model   {cfg.model} (--model demo in every command), e.g.\n"
               f"    python -m minidistill.generate --model demo --adapter {cfg.output}/adapter "
               "--prompt 'Ana has 3 apples and buys 4 more. How many apples does Ana have?'")

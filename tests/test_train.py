@@ -286,6 +286,20 @@ def test_flags_parse_to_config_types():
     assert cfg.distill.teacher is None and cfg.max_steps == 0 and cfg.lora.targets == ("all-linear",)
 
 
+def test_flags_without_model_and_data_change_the_demo(tmp_path, monkeypatch):
+    from minidistill.train import _parse, demo_config
+
+    monkeypatch.setenv("MINIDISTILL_CACHE", str(tmp_path))  # the demo model is built here
+    cfg, demo = _parse(["--dtype", "bf16", "--max-steps", "7", "--lora-r", "4"])
+    base = demo_config()
+    assert demo and cfg.dtype == "bf16" and cfg.max_steps == 7 and cfg.lora.r == 4
+    assert (cfg.model, cfg.data, cfg.batch_size, cfg.lr, cfg.data_config.max_seq_len) == (
+        base.model, base.data, base.batch_size, base.lr, base.data_config.max_seq_len)
+    assert cfg.lora.targets == ("all-linear",) and base.lora.targets == "all-linear"
+    assert base.max_steps != 7 and base.lora.r != 4 and base.dtype != "bf16"  # the flags did change something
+    assert _parse(["--model", "m", "--data", "d"]) == (parse_args(["--model", "m", "--data", "d"]), False)
+
+
 def test_bad_input_is_one_line_not_a_traceback(setup, tmp_path):
     root, model, data = setup
     r = subprocess.run([sys.executable, "-m", "minidistill.train", "--model", str(tmp_path / "nope"), "--data",
