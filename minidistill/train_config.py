@@ -62,7 +62,7 @@ class TrainConfig:
     quantize: str | None = flag_field(None, "4-bit base weights (QLoRA)", choices=[None, "nf4"])
     add_tokens: tuple[str, ...] = flag_field((), "tokens added to the vocabulary, comma-separated (e.g. '<think>,</think>'): one id each, their embedding (and untied head) rows trained")
     rope_scaling: str | None = flag_field(None, "extend the context with RoPE scaling: linear:F, dynamic:F or yarn:F[:ORIGINAL_CONTEXT] (written into the merged config.json, noted in the adapter README)")
-    dtype: str = flag_field("auto", "compute dtype; auto = bf16 (fp16 if unsupported) on GPU, fp32 on CPU", choices=["auto", "bf16", "fp16", "fp32"])
+    dtype: str = flag_field("auto", "compute dtype (bf16 / fp16: base weights in it, autocast, LoRA weights fp32); auto = bf16 (fp16 if unsupported) on GPU, fp32 on CPU", choices=["auto", "bf16", "fp16", "fp32"])
     device: str = flag_field("auto", "cuda, cuda:N, cpu; auto = cuda when available")
     grad_checkpointing: bool = flag_field(True, "recompute each block in backward to save memory")
     checkpoint_every: int = flag_field(1, "with --grad-checkpointing: recompute every k-th block only (the others keep their activations: faster, more memory)")

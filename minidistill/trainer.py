@@ -147,7 +147,7 @@ def setup(cfg: TrainConfig) -> Run:
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                             fused=device.type == "cuda" and not cfg.fsdp)
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
-    amp = torch.autocast(device.type, dtype=dtype) if device.type == "cuda" and dtype != torch.float32 else nullcontext()
+    amp = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     prompts = sample_prompts(cfg.sample_prompts, eval_data or data)
 
     # Resume, in one place: weights, optimizer, scaler, RNG and loop state from the checkpoint.
