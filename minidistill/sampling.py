@@ -144,7 +144,10 @@ def _prefill(model: Transformer, rows: list[_Row], s: _Settings) -> tuple[KVCach
     Pads sit at position 0, so a row's largest position is its own (LongRoPE's rule)."""
     device = model.model.embed_tokens.weight.device
     seqs = [r.prompt + r.out for r in rows]
+    # From 16 up, a multiple of 16: SDPA's CPU flash kernel runs a ragged last block up to 2x slower
+    # (16 rows of 94 tokens: 4.0 ms in bf16, of 96: 2.0 ms); pads after every row's tokens change nothing.
     width = max(map(len, seqs))
+    width = width if width < 16 else -(-width // 16) * 16
     ids = torch.tensor([q + [0] * (width - len(q)) for q in seqs], device=device)  # (k, width)
     pos = torch.tensor([list(range(len(q))) + [0] * (width - len(q)) for q in seqs], device=device)
     cache = model.new_cache(len(rows), width)

@@ -89,7 +89,8 @@ def test_batched_greedy_equals_recompute_over_mixed_lengths(tmp_path, name, leng
     calls = forward_batches(model)
     assert generate_ids_batch(model, prompts, max_new_tokens=14, batch_size=8) == want
     if name == "phi4-mini":  # prefill chunks (31 and 20 together), and the two crossing rows again, whole
-        assert sorted((b, t) for b, t in calls if t > 1) == [(1, 7), (1, 33), (1, 33), (1, 40), (2, 31)]
+        # (widths from 16 up are rounded to a multiple of 16: a faster CPU flash kernel)
+        assert sorted((b, t) for b, t in calls if t > 1) == [(1, 7), (1, 48), (1, 48), (1, 48), (2, 32)]
     assert max(b for b, t in calls if t == 1) >= 3  # rows of different lengths really shared forwards
 
 
