@@ -233,7 +233,13 @@ def main() -> None:
         vs_old = by[scenario, top, "ours"] / by[scenario, top, "ours, length-grouped (before)"]
         summary[f"{scenario}_ours_vs_transformers_at_{top}"] = round(vs_hf, 2)
         summary[f"{scenario}_ours_vs_grouped_at_{top}"] = round(vs_old, 2)
-        print(f"{scenario}: ours / transformers at batch {top}: {vs_hf:.2f}x; ours / length-grouped: {vs_old:.2f}x")
+        same = next(r["same_as_transformers"] for r in rows
+                    if (r["scenario"], r["batch"], r["impl"]) == (scenario, top, "ours"))
+        differ = same.split("/")[0] != same.split("/")[1]
+        summary[f"{scenario}_outputs_differ_at_{top}"] = differ
+        note = ("; greedy tokens differ from transformers' (" + same + "), so replies end elsewhere: with stop ids "
+                "this compares different work" if differ and scenario == "eos" else "")
+        print(f"{scenario}: ours / transformers at batch {top}: {vs_hf:.2f}x; ours / length-grouped: {vs_old:.2f}x{note}")
     if args.nf4_prompts:
         nf4 = nf4_rows(folder, model, prompts[:args.nf4_prompts], n_new, max(3, args.repeats))
         print(f"\nNF4 (quantize='nf4' while loading, blocksize 64, double quant), batch 1, {n_new} new tokens, fp32 "

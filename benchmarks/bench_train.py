@@ -5,7 +5,10 @@ Models have the exact shapes of real checkpoints with random weights (normal(0, 
 generated once per shape and shared by every implementation (frozen, so sharing is safe):
 SmolLM2-135M, Phi-4-mini (on the CPU with its depth cut: `phi-4-mini:2` is 2 blocks), Phi-4-mini
 and Llama-3.1-8B in full on a GPU. LoRA r 16, alpha 16 on the seven projections; fp32 on the CPU,
-bf16 weights under bf16 autocast on CUDA (LoRA weights fp32 in both libraries).
+bf16 weights under bf16 autocast on CUDA (LoRA weights fp32 in both libraries); `--dtype bf16` runs
+the CUDA recipe on the CPU too (with AMX its matmuls are 5-10x fp32's, so the rest of the step
+weighs as it does on a GPU), the train command included (`--dtype bf16`, and the transformers loop
+under bf16 autocast).
 
 Input: `--samples` samples with lengths uniform in [seq/4, seq], batched by minidistill's own
 collator (`make_batches`, `--batch` rows per micro-batch), as padded rows (one sample per row,
@@ -631,11 +634,14 @@ def write_train_fixture(folder: Path, shape_name: str, records: int, max_repeats
     return mdir, data
 
 
+_DTYPE_FLAG = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+
+
 class HFTrainLoop:
     """transformers + peft over the same tokenized samples, padded and length-grouped, one
     optimizer step per batch (clipping at 1.0, AdamW: the Trainer's defaults)."""
 
-    def __init__(self, mdir: Path, data: Path, args, cache: Path):
+    def __init__(self, mdir: Path, data: Path, args, cache: Path, dtype: torch.dtype):
         import transformers
         from peft import LoraConfig, get_peft_model
 
@@ -643,8 +649,8 @@ class HFTrainLoop:
         sft = md.prepare_data(str(data), tok, md.DataConfig(max_seq_len=args.train_seq, cache_dir=str(cache)),
                               log=lambda *a, **k: None)
         self.batches = make_batches(sft, args.hf_batch, args.train_seq, packing=False, shuffle=True, seed=0)
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(mdir), dtype=torch.float32,
-                                                                  attn_implementation="sdpa")
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(mdir), dtype=dtype, attn_implementation="sdpa")
+        self.amp = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable({"use_reentrant": False})
         self.model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0,
@@ -657,14 +663,16 @@ class HFTrainLoop:
         b = self.batches[i % len(self.batches)]
         kw = hf_inputs(b, False, False)
         t = time.perf_counter()
-        self.model(**kw, use_cache=False).loss.backward()
+        with self.amp:
+            loss = self.model(**kw, use_cache=False).loss
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return b.num_input_tokens / (time.perf_counter() - t)
 
 
-def train_command(args) -> list[dict]:
+def train_command(args, dtype: torch.dtype) -> list[dict]:
     """The train command (its own flag parser, `trainer.setup` and `trainer.train_step`, which
     writes metrics.jsonl) vs the transformers + peft loop, same checkpoint and data, in this
     process, one step of each in turn, so that a shared machine's load falls on both alike."""
@@ -677,11 +685,11 @@ def train_command(args) -> list[dict]:
         argv = ["--model", str(mdir), "--data", str(data), "--output", str(tmp / "run"),
                 "--max-steps", str(args.train_steps), "--max-seq-len", str(args.train_seq),
                 "--grad-accum", str(args.train_accum), "--sample-max-tokens", "1", "--save-every", "0",
-                "--device", "cpu", "--cache-dir", str(tmp / "cache")]
+                "--device", "cpu", "--dtype", _DTYPE_FLAG[dtype], "--cache-dir", str(tmp / "cache")]
         cfg = parse_args(argv)
         theirs = []
         with contextlib.redirect_stdout(sys.stderr), output_folder(cfg):  # their log lines: not our table
-            hf = HFTrainLoop(mdir, data, args, tmp / "cache")
+            hf = HFTrainLoop(mdir, data, args, tmp / "cache", dtype)
             run = setup(cfg)
             try:
                 for i in range(args.train_steps):
@@ -889,7 +897,7 @@ def main() -> None:
             print(f"[bench_train] {m} seq {args.seq}: {time.perf_counter() - t:.0f}s", file=sys.stderr, flush=True)
             add_ratios(rows)
             write_markdown(args.markdown, rows, [], targets(rows, []), header)  # a part, should a timeout cut the run
-    train = train_command(args) if args.train_cmd else []
+    train = train_command(args, dtype) if args.train_cmd else []
     goals = targets(rows, train)
     report(rows, train, goals, header)
     write_markdown(args.markdown, rows, train, goals, header)
