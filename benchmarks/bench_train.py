@@ -265,7 +265,7 @@ def quantize_blocks_ours(model: Transformer) -> None:
                 setattr(mod, name, NF4Linear.from_linear(child))
 
 
-def build_ours(name: str, shape: dict, sd: dict, device, dtype, amp) -> Impl:
+def build_ours(name: str, shape: dict, sd: dict, device, dtype, amp, loss_chunk_mb: float | None = None) -> Impl:
     cfg = ModelConfig.from_hf(dict(shape, hidden_act="silu"))
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -279,7 +279,8 @@ def build_ours(name: str, shape: dict, sd: dict, device, dtype, amp) -> Impl:
     model.train()
     if name == "ours-lora-compiled":
         model.compile_blocks()  # inductor; compiled during the first (untimed) measurement step
-    run = SimpleNamespace(cfg=TrainConfig(), device=device, amp=amp, forward_model=model, model=model, kd=None)
+    cfg = TrainConfig() if loss_chunk_mb is None else TrainConfig(loss_chunk_mb=loss_chunk_mb)
+    run = SimpleNamespace(cfg=cfg, device=device, amp=amp, forward_model=model, model=model, kd=None)
 
     def loss(b, layout, num_items):
         return forward_loss(run, b, num_items)[0]
@@ -524,7 +525,7 @@ def measure_shape(name: str, args, device, dtype) -> list[dict]:
                 raise ImportError(name="transformers/peft")
             if impl == "hf-peft-qlora" and importlib.util.find_spec("bitsandbytes") is None:
                 raise ImportError(name="bitsandbytes")
-            builder = build_ours if impl.startswith("ours") else (
+            builder = (lambda *a: build_ours(*a, loss_chunk_mb=args.loss_chunk_mb)) if impl.startswith("ours") else (
                 lambda *a: build_hf(*a, block_mask=block_mask))
             built[impl] = builder(impl, shape, sd, device, dtype, amp)
         except ImportError as e:
@@ -851,6 +852,9 @@ def main() -> None:
                    help="base weights and autocast: bf16 = bf16 weights under bf16 autocast, LoRA weights fp32 "
                         "(the GPU recipe; on a CPU with AMX its matmuls are several times fp32's); "
                         "auto = bf16 on CUDA, fp32 on the CPU")
+    p.add_argument("--loss-chunk-mb", type=float, default=None,
+                   help="our rows: the train command's --loss-chunk-mb (default: its default, 256). Each loss chunk "
+                        "reads the whole head weight, so larger chunks run the head faster, for more memory")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--markdown", default=None, help="also write the tables as markdown to this file")
     p.add_argument("--smoke", action="store_true", help="tiny shape on the CPU, one timed step: proves it runs")
