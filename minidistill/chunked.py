@@ -62,7 +62,7 @@ def chunk_bounds(n: int, chunk_size: int) -> list[tuple[int, int]]:
     """(start, end) of ceil(n / chunk_size) chunks of rows 0:n, their sizes within one row of each
     other and none over chunk_size. Never a tiny last chunk: each chunk streams the whole head weight
     through its matmuls (Phi-4-mini: 1.2 GB in bf16), so 193 rows in chunks of 192 would pay for a
-    second full pass on one row; as 97 + 96 they cost what 193 rows cost."""
+    second full pass on one row; as 96 + 97 they cost what 193 rows cost."""
     if n <= 0:
         return []
     k = -(-n // chunk_size)

@@ -16,6 +16,9 @@ from .trainer import train
 from .train_config import TrainConfig, check_config
 
 
+DEMO_OUTPUT = "runs/demo"
+
+
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     return _parse(argv)[0]
 
@@ -51,7 +54,7 @@ def demo_config() -> TrainConfig:
     from .lora import LoraConfig
     from .samples import DataConfig
 
-    return TrainConfig(model=str(demo_model_dir()), data=str(demo_data_path(demo_cache())), output="runs/demo",
+    return TrainConfig(model=str(demo_model_dir()), data=str(demo_data_path(demo_cache())), output=DEMO_OUTPUT,
                        max_steps=500, batch_size=8, grad_accum=1, lr=3e-3, min_lr=3e-4, warmup_steps=10,
                        grad_checkpointing=False, eval_split=0.02, eval_every=100, save_every=250,
                        sample_max_tokens=60, device="cpu", data_config=DataConfig(max_seq_len=128),
@@ -64,8 +67,8 @@ def main(argv: list[str] | None = None) -> dict:
     if demo:
         print("running the offline demo (a tiny random model learns arithmetic reasoning traces on CPU; "
               "see --help for a real run)")
-        if cfg.output == demo_config().output and Path(cfg.output).exists():
-            shutil.rmtree(cfg.output)  # the demo's own folder always starts fresh
+        if cfg.output == DEMO_OUTPUT and not cfg.resume and Path(cfg.output).exists():
+            shutil.rmtree(cfg.output)  # the demo's own folder starts fresh (unless resumed)
     summary = train(cfg)
     if demo:
         print(f"  demo model   {cfg.model} (--model demo in every command), e.g.\n"
