@@ -300,6 +300,20 @@ def test_flags_without_model_and_data_change_the_demo(tmp_path, monkeypatch):
     assert _parse(["--model", "m", "--data", "d"]) == (parse_args(["--model", "m", "--data", "d"]), False)
 
 
+def test_the_demo_folder_starts_fresh_unless_resumed(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MINIDISTILL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)  # the demo writes runs/demo here
+    quick = ["--max-steps", "2", "--save-every", "2", "--eval-every", "0", "--eval-split", "0", "--sample-max-tokens", "2"]
+    main(quick)
+    assert [r["step"] for r in metrics(tmp_path / "runs/demo")] == [1, 2]
+    capsys.readouterr()
+    main(quick[:1] + ["3"] + quick[2:] + ["--resume"])  # continues: the folder is kept
+    assert "resumed from runs/demo/checkpoints/step_000002 at step 2" in capsys.readouterr().out
+    assert [r["step"] for r in metrics(tmp_path / "runs/demo")] == [1, 2, 3]
+    main(quick)  # not resumed: a fresh run in a fresh folder
+    assert [r["step"] for r in metrics(tmp_path / "runs/demo")] == [1, 2]
+
+
 def test_bad_input_is_one_line_not_a_traceback(setup, tmp_path):
     root, model, data = setup
     r = subprocess.run([sys.executable, "-m", "minidistill.train", "--model", str(tmp_path / "nope"), "--data",
