@@ -235,7 +235,8 @@ def main() -> None:
         summary[f"{scenario}_ours_vs_grouped_at_{top}"] = round(vs_old, 2)
         same = next(r["same_as_transformers"] for r in rows
                     if (r["scenario"], r["batch"], r["impl"]) == (scenario, top, "ours"))
-        differ = same.split("/")[0] != same.split("/")[1]
+        equal, total = same.split("/")
+        differ = equal != total
         summary[f"{scenario}_outputs_differ_at_{top}"] = differ
         note = ("; greedy tokens differ from transformers' (" + same + "), so replies end elsewhere: with stop ids "
                 "this compares different work" if differ and scenario == "eos" else "")

@@ -493,11 +493,16 @@ def saved_bf16(rows: list, shape: dict, cfg: ModelConfig, block_mask: bool) -> N
     gc.collect()
 
 
+def _autocast(device: torch.device, dtype: torch.dtype):
+    """The step's precision context: autocast to dtype unless it is fp32 (both libraries alike)."""
+    return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+
+
 def measure_shape(name: str, args, device, dtype) -> list[dict]:
     """Every row of one model shape at one sequence length."""
     shape = shape_config(name)
     cfg = ModelConfig.from_hf(dict(shape, hidden_act="silu"))
-    amp = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    amp = _autocast(device, dtype)
     impls = [i for i in args.impls.split(",") if i]
     want_hf = any(i.startswith("hf") for i in impls)
     have_hf = all(importlib.util.find_spec(m) for m in ("transformers", "peft"))
@@ -651,7 +656,7 @@ class HFTrainLoop:
                               log=lambda *a, **k: None)
         self.batches = make_batches(sft, args.hf_batch, args.train_seq, packing=False, shuffle=True, seed=0)
         model = transformers.AutoModelForCausalLM.from_pretrained(str(mdir), dtype=dtype, attn_implementation="sdpa")
-        self.amp = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+        self.amp = _autocast(torch.device("cpu"), dtype)
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable({"use_reentrant": False})
         self.model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0,

@@ -123,8 +123,6 @@ def test_bad_shapes_are_named():
 
 
 def test_chunk_rows_from_budget():
-    from minidistill.chunked import chunk_rows
-
     # Phi-4-mini: one fp32 (c, V) buffer, 200,064 * 4 + 3072 * 12 bytes a row -> 320 rows in 256 MiB;
     # bf16 adds the compute-dtype logits (2 bytes) -> 216 rows.
     assert chunk_rows(200064, 3072, torch.float32, buffers=1) == 320
