@@ -1,7 +1,8 @@
 """The one attention entry point (`attend`): it picks the kernel from what the batch is.
 
 - KV cache (generation): SDPA over the cached keys as before, plus `KVCache.key_mask` (B, slots)
-  when set, which keeps each row of a ragged batch to its own slots.
+  when set, which keeps each row of a ragged batch to its own slots. A packed prefill (a layout and
+  an empty cache) stores each token's keys at its column and attends as packed rows do (below).
 - Rows that each hold one document from column 0 (unpacked rows, padding at the end), no window
   shorter than the row: SDPA `is_causal=True` (flash / memory-efficient kernels, no mask).
 - Packed rows, or a window shorter than the row: the non-padding tokens are flattened (padding
@@ -135,8 +136,10 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, window: int | None, layout: DocLa
     window: the layer's sliding window (see the module docstring), None for full causal.
     layout: the documents of packed rows (None: each row is one sequence). cache: generation.
     """
-    if cache is not None:
+    if cache is not None and layout is None:
         return _cached(q, k, v, cache, layer, window)
+    if cache is not None:  # a packed prefill: keys at their columns, attention within each document
+        cache.update(layer, k.transpose(1, 2), v.transpose(1, 2))
     B, T = q.shape[:2]
     if window is not None and window >= T:
         window = None  # a window as long as the row masks nothing
@@ -154,7 +157,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, window: int | None, layout: DocLa
     flat = [t.reshape(B * T, t.shape[2], hd) for t in (q, k, v)]  # (B*T, h, hd)
     if layout.token_index is not None:
         flat = [t.index_select(0, layout.token_index) for t in flat]  # (n, h, hd): padding dropped
-    y = KERNELS[choose_kernel(q)](*flat, layout, window)  # (n, nh, hd)
+    y = KERNELS[choose_kernel(q.device, q.dtype, hd)](*flat, layout, window)  # (n, nh, hd)
     if layout.token_index is not None:
         y = y.new_zeros(B * T, nh, hd).index_copy(0, layout.token_index, y)  # (B*T, nh, hd), padding 0
     return y.view(B, T, nh, hd)
@@ -236,19 +239,19 @@ def _compiled_flex() -> Callable:
 _LOGGED: set[str] = set()
 
 
-def choose_kernel(q: Tensor) -> str:
-    """The packed-rows kernel for q's device, dtype and head size: "varlen", "flex" or "per-document"."""
-    hd = q.shape[-1]
-    if q.is_cuda and _varlen_fn() is not None and q.dtype in (torch.float16, torch.bfloat16) and hd % 8 == 0 \
-            and hd <= 256:
+def choose_kernel(device: torch.device, dtype: torch.dtype, hd: int, log_choice: bool = True) -> str:
+    """The packed-rows kernel for queries on `device` in `dtype` with head size `hd`: "varlen",
+    "flex" or "per-document"."""
+    cuda = torch.device(device).type == "cuda"
+    if cuda and _varlen_fn() is not None and dtype in (torch.float16, torch.bfloat16) and hd % 8 == 0 and hd <= 256:
         name = "varlen"
-    elif q.is_cuda and _flex_fns() is not None:
+    elif cuda and _flex_fns() is not None:
         name = "flex"
     else:
         name = "per-document"
-    if name not in _LOGGED and not torch.compiler.is_compiling():  # logging would break a compiled graph
+    if log_choice and name not in _LOGGED and not torch.compiler.is_compiling():  # logging would break a graph
         _LOGGED.add(name)
-        log.info("packed attention: %s kernel (%s, %s, head_dim %d)", name, q.device.type, q.dtype, hd)
+        log.info("packed attention: %s kernel (%s, %s, head_dim %d)", name, torch.device(device).type, dtype, hd)
     return name
 
 

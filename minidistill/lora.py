@@ -5,7 +5,6 @@ under the same state-dict keys (`...q_proj.weight`) and adds `lora_A` / `lora_B`
 (`...q_proj.lora_A.weight`); adapter files are adapter.py's business, new-token rows
 new_tokens.py's. QLoRA: an `NF4Linear` target becomes `NF4LoRALinear`, the same layer over the
 4-bit base (its packed keys unchanged); `merge_lora` decodes such layers into 16-bit `nn.Linear`s.
-
 Fused Phi-3 models: q/k/v_proj mean `qkv_proj` and gate/up_proj `gate_up_proj` (every family).
 
 The LoRA branch (`_LoRAFunction`): A and B stay fp32 master weights, the matmuls run in the
@@ -31,6 +30,7 @@ from torch import Tensor, nn
 
 from .cli import flag_field
 from .fused import rms_norm_backward, rms_norm_forward, swiglu, swiglu_backward
+from . import prepacked
 from .new_tokens import merge_token_rows
 from .quant import (NF4Linear, NF4State, dense_linear, dequantize_nf4, nf4_linear, nf4_matmul, nf4_matmul_weight,
                     nf4_state_of, register_nf4_weight)
@@ -216,7 +216,7 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def base_forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return prepacked.linear(x, self.weight, self.bias)
 
     def _dense_base(self, weight: Tensor, dtype: torch.dtype) -> Tensor:
         """The base weight (out, in) in `dtype` for one matmul; `weight` is this layer's `weight`."""
@@ -224,7 +224,7 @@ class LoRALinear(nn.Module):
 
     def _base_matmul(self, x: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
         """x @ base^T + bias in `dtype` (x and bias already in it): the forward's base matmul."""
-        return F.linear(x, self._dense_base(weight, dtype), bias)
+        return prepacked.linear(x, self._dense_base(weight, dtype), bias)
 
     def delta_weight(self) -> Tensor:
         """B @ A * scaling in fp32, (out, in)."""
@@ -435,7 +435,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
             dequantized = True
             continue
         m.merge()
-        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+        lin = prepacked.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
         lin.weight, lin.bias = m.weight, m.bias
         _set_module(model, path, lin)
     for path, m in [(n, m) for n, m in model.named_modules() if isinstance(m, NF4Linear)]:

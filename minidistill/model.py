@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from . import attention, fused
 from .attention import DocLayout
 from .config import ModelConfig
+from .prepacked import Linear
 from .rope import Rotary, apply_rotary
 
 
@@ -89,12 +90,12 @@ class Attention(nn.Module):
         self.window = cfg.layer_window(layer_idx)
         q_out, kv_out = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         if cfg.fused_qkv:
-            self.qkv_proj = nn.Linear(cfg.hidden_size, q_out + 2 * kv_out, bias=cfg.attention_bias)
+            self.qkv_proj = Linear(cfg.hidden_size, q_out + 2 * kv_out, bias=cfg.attention_bias)
         else:
-            self.q_proj = nn.Linear(cfg.hidden_size, q_out, bias=cfg.attention_bias)
-            self.k_proj = nn.Linear(cfg.hidden_size, kv_out, bias=cfg.attention_bias)
-            self.v_proj = nn.Linear(cfg.hidden_size, kv_out, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(q_out, cfg.hidden_size, bias=cfg.o_proj_bias)
+            self.q_proj = Linear(cfg.hidden_size, q_out, bias=cfg.attention_bias)
+            self.k_proj = Linear(cfg.hidden_size, kv_out, bias=cfg.attention_bias)
+            self.v_proj = Linear(cfg.hidden_size, kv_out, bias=cfg.attention_bias)
+        self.o_proj = Linear(q_out, cfg.hidden_size, bias=cfg.o_proj_bias)
         if cfg.qk_norm:  # Qwen3: RMSNorm over each head's q and k (weights of size head_dim), before RoPE
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
@@ -125,11 +126,11 @@ class MLP(nn.Module):
         super().__init__()
         H, I, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
         if cfg.fused_gate_up:
-            self.gate_up_proj = nn.Linear(H, 2 * I, bias=bias)  # gate rows first, then up
+            self.gate_up_proj = Linear(H, 2 * I, bias=bias)  # gate rows first, then up
         else:
-            self.gate_proj = nn.Linear(H, I, bias=bias)
-            self.up_proj = nn.Linear(H, I, bias=bias)
-        self.down_proj = nn.Linear(I, H, bias=bias)
+            self.gate_proj = Linear(H, I, bias=bias)
+            self.up_proj = Linear(H, I, bias=bias)
+        self.down_proj = Linear(I, H, bias=bias)
 
     def forward(self, x: Tensor, norm: nn.Module | None = None, out_needed: bool = True) -> Tensor:
         """The MLP of x, or of norm(x) when `norm` is given (the block passes its norm so that LoRA
@@ -210,7 +211,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = Decoder(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = Rotary(cfg)
         self.gradient_checkpointing = False  # recompute blocks in backward instead of keeping their activations
         self.checkpoint_every = 1  # ... every block (1), or every k-th one: the others keep theirs
@@ -241,12 +242,14 @@ class Transformer(nn.Module):
             attention stays within a document and padding takes part in none.
         document_ids: (B, T) document of each token (runs of equal ids), an alternative to
             layout; it is read on the host to build one (a host sync for a CUDA tensor).
-        cache: a KVCache for generation; it is advanced by T.
+        cache: a KVCache for generation; it is advanced by T. With a layout (an empty cache: a
+            packed prefill) it keeps each token's keys at its column, (B, n_kv, T, hd).
         """
         B, T = input_ids.shape
         past = cache.pos if cache is not None else 0
-        if (document_ids is not None or layout is not None) and cache is not None:
-            raise ValueError("document_ids / layout (packed rows) are for training; they cannot be used with a KV cache")
+        if (document_ids is not None or layout is not None) and cache is not None and past:
+            raise ValueError("document_ids / layout (packed rows) cannot be used with a KV cache that already "
+                             "holds keys: pass them to an empty cache only (a packed prefill)")
         if layout is None and document_ids is not None:
             layout = attention.layout_from_document_ids(document_ids)
         seq_len: int | Tensor = past + T

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .prepacked import Linear
+
 TOKEN_KEY = "token_adapter.trainable_tokens_delta"  # PEFT's key for trainable token rows
 
 
@@ -135,7 +137,7 @@ def merge_token_rows(model: nn.Module) -> None:
             head.weight[head.token_ids] = head.new_rows.to(head.weight.dtype)
     plain_e = nn.Embedding(*emb.weight.shape, device="meta")
     plain_e.weight = emb.weight
-    plain_h = nn.Linear(head.in_features, head.out_features, bias=False, device="meta")
+    plain_h = Linear(head.in_features, head.out_features, bias=False, device="meta")
     plain_h.weight = head.weight
     model.model.embed_tokens, model.lm_head = plain_e, plain_h
 

@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .prepacked import Linear
+
 # The 16 NF4 values (QLoRA appendix E), index = 4-bit code; identical to bnb's table.
 NF4_CODE = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -304,7 +306,7 @@ def nf4_linear(x: torch.Tensor, packed: torch.Tensor, state: NF4State,
 def dense_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Linear:
     """A frozen 16-bit (or fp32) nn.Linear holding `weight` / `bias` cast to `dtype`."""
     out_f, in_f = weight.shape
-    lin = nn.Linear(in_f, out_f, bias=bias is not None, device="meta")
+    lin = Linear(in_f, out_f, bias=bias is not None, device="meta")
     lin.weight = nn.Parameter(weight.detach().to(dtype), requires_grad=False)
     if bias is not None:
         lin.bias = nn.Parameter(bias.detach().to(dtype), requires_grad=False)

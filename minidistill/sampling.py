@@ -1,13 +1,16 @@
 """Generation with the KV cache: one sampler, and one decoder for one prompt or many.
 
-Ragged batches: prompts are prefilled in chunks of similar lengths, right padded (a pad comes
-after its row's tokens, so causal attention keeps it out of them), and their keys are copied
-into a shared left-padded decode cache, row r in slots [start_r, pos); every row writes its
+Ragged batches: prompts are prefilled in chunks of up to 2,048 tokens, packed into one row (each
+prompt a document of a `DocLayout`: attention stays within it, and no pad is computed), and their
+keys are copied into a shared left-padded decode cache, row r in slots [start_r, pos); every row writes its
 next key at the shared slot `pos`, `KVCache.key_mask` (B, slots) keeps each row to its own
 slots and each row has its own position ids, so a row sees what it would see decoded alone.
 Finished rows (a stop id, a stop string, `max_new_tokens`) leave and waiting prompts take
 their place: `batch_size` sequences decode together whatever their lengths, with one host
-sync per step (reading the sampled ids).
+sync per step (reading the sampled ids). Where packed attention would be FlexAttention (CUDA in
+fp32: compiled, and built anew for each set of lengths) prompts of similar lengths are prefilled
+together right padded instead (a pad comes after its row's tokens, so causal attention keeps it
+out of them).
 
 LongRoPE: rows decode in two groups, short factors and long factors (each forward then has one
 rule, whether the model picks the factors per row or from the largest position). A row that
@@ -21,8 +24,9 @@ its tokens depend neither on the batch size nor on the other prompts:
 `generate_ids(prompts[i], seed=seed + i)` samples the same ones.
 
 4-bit (NF4) models decode each layer once per call, keeping up to `decode_budget_mb` of decoded
-weights, the rest per step (quant.DecodedWeights has the rule and the default); all is freed
-when the call ends.
+weights, the rest per step (quant.DecodedWeights has the rule and the default); on the CPU fp32
+weights are packed once per call for MKL's sgemm, up to the same budget (prepacked.py: a batch-32
+decode step 1.2x faster); all is freed when the call ends.
 """
 from __future__ import annotations
 
@@ -33,7 +37,9 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
+from .attention import choose_kernel, doc_layout
 from .model import KVCache, Transformer
+from .prepacked import PACK_MIN_NEW_TOKENS, PackedWeights
 from .progress import Progress
 from .quant import DecodedWeights
 
@@ -120,43 +126,65 @@ def _fed(row: _Row) -> int:
     return len(row.prompt) + len(row.out) - 1
 
 
-def _chunks(rows: list[_Row], budget: int = 2048) -> list[list[_Row]]:
-    """Rows to prefill together: one LongRoPE group each, longest first, at most `budget` padded
-    tokens (or one row) and a quarter of padding."""
+def _packs(model: Transformer) -> bool:
+    """Prefill packed (one row, a document per prompt) unless packed attention would be FlexAttention."""
+    w, cfg = model.model.embed_tokens.weight, model.config
+    return choose_kernel(w.device, w.dtype, cfg.head_dim, log_choice=False) != "flex"
+
+
+def _chunks(rows: list[_Row], packed: bool, budget: int = 2048) -> list[list[_Row]]:
+    """Rows to prefill together: one LongRoPE group each, longest first, at most `budget` tokens
+    (or one row); padded (not `packed`), at most `budget` padded tokens and a quarter of padding."""
     out: list[list[_Row]] = []
     for row in sorted(rows, key=lambda r: (r.long, -len(r.prompt) - len(r.out))):
         n, chunk = len(row.prompt) + len(row.out), out[-1] if out else None
         if chunk and chunk[0].long == row.long:
-            width = len(chunk[0].prompt) + len(chunk[0].out)
             used = sum(len(r.prompt) + len(r.out) for r in chunk) + n
-            if (len(chunk) + 1) * width <= min(budget, 1.25 * used):
+            padded = (len(chunk) + 1) * (len(chunk[0].prompt) + len(chunk[0].out))
+            if used <= budget if packed else padded <= min(budget, 1.25 * used):
                 chunk.append(row)
                 continue
         out.append([row])
     return out
 
 
-def _prefill(model: Transformer, rows: list[_Row], s: _Settings) -> tuple[KVCache, list[str | None]]:
+def _prefill(model: Transformer, rows: list[_Row], s: _Settings,
+             packed: bool) -> tuple[KVCache, list[tuple[int, int]], list[str | None]]:
     """Prefill the rows' whole sequences together and sample each one's next token; returns the
-    cache (row j's keys in slots [0, its length)) and why each row ends (or None).
+    cache, where each row's keys start in it (cache row, slot) and why each row ends (or None).
 
-    Right padding: a pad comes after its row's tokens, so causal attention keeps it out of them.
-    Pads sit at position 0, so a row's largest position is its own (LongRoPE's rule)."""
+    Packed: one cache row, row j's keys in the slots of its tokens. Padded: row j's keys in cache
+    row j from slot 0, right padding (a pad comes after its row's tokens, so causal attention keeps
+    it out of them). Either way a row's largest position is its own (LongRoPE's rule)."""
     device = model.model.embed_tokens.weight.device
     seqs = [r.prompt + r.out for r in rows]
-    # From 16 up, a multiple of 16: SDPA's CPU flash kernel runs a ragged last block up to 2x slower
-    # (16 rows of 94 tokens: 4.0 ms in bf16, of 96: 2.0 ms); pads after every row's tokens change nothing.
-    width = max(map(len, seqs))
-    width = width if width < 16 else -(-width // 16) * 16
-    ids = torch.tensor([q + [0] * (width - len(q)) for q in seqs], device=device)  # (k, width)
-    pos = torch.tensor([list(range(len(q))) + [0] * (width - len(q)) for q in seqs], device=device)
-    cache = model.new_cache(len(rows), width)
-    hidden = model(ids, position_ids=pos, cache=cache, return_hidden=True)  # (k, width, H)
-    last = torch.tensor([len(q) - 1 for q in seqs], device=device)
-    logits = model.lm_head(hidden[torch.arange(len(rows), device=device), last])  # (k, V): last positions only
+    lengths = [len(q) for q in seqs]
+    if packed:
+        n = sum(lengths)
+        ids = torch.tensor([[t for q in seqs for t in q]], device=device)  # (1, n)
+        pos = torch.tensor([[i for q in seqs for i in range(len(q))]], device=device)
+        cache = model.new_cache(1, n)
+        hidden = model(ids, position_ids=pos, layout=doc_layout([lengths], n).to(device), cache=cache,
+                       return_hidden=True)[0]  # (n, H)
+        starts = [sum(lengths[:j]) for j in range(len(rows))]
+        where = [(0, a) for a in starts]
+        last = torch.tensor([a + m - 1 for a, m in zip(starts, lengths)], device=device)
+    else:
+        # From 16 up, a multiple of 16: SDPA's CPU flash kernel runs a ragged last block up to 2x slower
+        # (16 rows of 94 tokens: 4.0 ms in bf16, of 96: 2.0 ms); pads after every row's tokens change nothing.
+        width = max(lengths)
+        width = width if width < 16 else -(-width // 16) * 16
+        ids = torch.tensor([q + [0] * (width - len(q)) for q in seqs], device=device)  # (k, width)
+        pos = torch.tensor([list(range(len(q))) + [0] * (width - len(q)) for q in seqs], device=device)
+        cache = model.new_cache(len(rows), width)
+        hidden = model(ids, position_ids=pos, cache=cache, return_hidden=True)  # (k, width, H)
+        where = [(j, 0) for j in range(len(rows))]
+        last = torch.tensor([j * width + m - 1 for j, m in enumerate(lengths)], device=device)
+        hidden = hidden.flatten(0, 1)  # (k * width, H)
+    logits = model.lm_head(hidden[last])  # (k, V): last positions only
     u = None if rows[0].noise is None else torch.stack([r.noise[len(r.out)] for r in rows]).to(device)
     toks = sample_next(logits, s.temperature, s.top_p, u).tolist()
-    return cache, [_push(r, t, s) for r, t in zip(rows, toks)]
+    return cache, where, [_push(r, t, s) for r, t in zip(rows, toks)]
 
 
 class _Group:
@@ -212,8 +240,8 @@ class _Group:
         self.cache = cache
         self._set_mask()
 
-    def add(self, new: list[tuple[_Row, KVCache, int]], slack: int) -> None:
-        """Rows join the group with their keys: row j of a prefill cache."""
+    def add(self, new: list[tuple[_Row, KVCache, tuple[int, int]]], slack: int) -> None:
+        """Rows join the group with their keys: those of a prefill cache from (cache row, slot) on."""
         free = [i for i, r in enumerate(self.rows) if r is None]
         left, right = max(_fed(r) for r, _, _ in new), max(self._remaining(r) for r, _, _ in new)
         c = self.cache
@@ -221,11 +249,11 @@ class _Group:
             self.rebuild(len(new), left, right, slack)
             free = [i for i, r in enumerate(self.rows) if r is None]
         idx, pos = free[:len(new)], self.cache.pos
-        for i, (row, pc, j) in zip(idx, new):
+        for i, (row, pc, (j, a)) in zip(idx, new):
             n = _fed(row)
             for layer in range(len(pc.k)):
-                self.cache.k[layer][i, :, pos - n:pos] = pc.k[layer][j, :, :n]
-                self.cache.v[layer][i, :, pos - n:pos] = pc.v[layer][j, :, :n]
+                self.cache.k[layer][i, :, pos - n:pos] = pc.k[layer][j, :, a:a + n]
+                self.cache.v[layer][i, :, pos - n:pos] = pc.v[layer][j, :, a:a + n]
             self.rows[i], self.starts[i] = row, pos - n
         at = torch.tensor(idx, dtype=torch.long, device=self.device)
         self.tokens[at] = torch.tensor([r.out[-1] for r, _, _ in new], device=self.device)
@@ -304,6 +332,7 @@ def iter_generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_n
     pending: list[_Row] = []  # rows to prefill: new prompts, and rows past LongRoPE's original context
     live = 0  # rows pending or in groups
     tick = progress.update if progress is not None else (lambda done=0, tokens=0: None)
+    packed = _packs(model)
 
     def finish(row: _Row, reason: str) -> Completion:
         nonlocal live
@@ -320,19 +349,19 @@ def iter_generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_n
             live += 1
             pending.append(_Row(i, list(prompts[i]), noise[i], s.original_context is not None
                                 and len(prompts[i]) > s.original_context, []))
-        joining: dict[bool, list[tuple[_Row, KVCache, int]]] = {}  # by LongRoPE factors
+        joining: dict[bool, list[tuple[_Row, KVCache, tuple[int, int]]]] = {}  # by LongRoPE factors
         todo, pending = pending, []
-        for chunk in _chunks(todo):
-            cache, reasons = _prefill(model, chunk, s)
+        for chunk in _chunks(todo, packed):
+            cache, where, reasons = _prefill(model, chunk, s, packed)
             tick(tokens=len(chunk))
-            for j, (row, reason) in enumerate(zip(chunk, reasons)):
+            for row, at, reason in zip(chunk, where, reasons):
                 if reason is not None:
                     done.append(finish(row, reason))
                 elif _crosses(row, s):  # its first token took it past the original context
                     row.long = True
                     pending.append(row)
                 else:
-                    joining.setdefault(row.long, []).append((row, cache, j))
+                    joining.setdefault(row.long, []).append((row, cache, at))
         for long, new in joining.items():
             group = next((g for g in groups if g.long == long), None)
             if group is None:
@@ -362,13 +391,15 @@ def iter_generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_n
         return done
 
     weights = DecodedWeights(decode_budget_mb)
+    packs = PackedWeights(decode_budget_mb if max_new_tokens >= PACK_MIN_NEW_TOKENS else 0)  # else it costs more
     try:
         while waiting or pending or groups:
-            with weights:  # active during a step only: code run between two yields never sees it
+            with weights, packs:  # active during a step only: code run between two yields never sees them
                 done = advance()
             yield from done
     finally:
         weights.close()
+        packs.close()
 
 
 def generate_ids(model: Transformer, prompt_ids: Sequence[int], *, max_new_tokens: int = 256,

@@ -330,7 +330,7 @@ def test_cuda_kernels_equal_dense_reference(monkeypatch, kernel, window):
     doc, real = document_ids(rows, T).cuda(), real_mask(rows, T).cuda()
     for nh, nkv in HEADS:
         q, k, v, w = (t.cuda() for t in inputs(rows, T, nh * 2, nkv * 2, hd=64))
-        assert A.choose_kernel(q.bfloat16()) == kernel
+        assert A.choose_kernel(q.device, torch.bfloat16, q.shape[-1]) == kernel
         ours = functools.partial(A.attend, window=window, layout=lay)
         dense = functools.partial(dense_mask_attention, document_ids=doc, window=window)
         ref = run(dense, q, k, v, w, real, torch.float32)

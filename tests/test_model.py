@@ -210,8 +210,37 @@ def test_layout_errors_name_the_shapes(tmp_path):
     x = ids(8)
     with pytest.raises(ValueError, match=r"layout of shape \(1, 8\).*got \(2, 8\)"):
         model(x, position_ids=torch.arange(8).expand(2, 8), layout=doc_layout([[8]], 8))
-    with pytest.raises(ValueError, match="cannot be used with a KV cache"):
-        model(x, position_ids=torch.arange(8).expand(2, 8), layout=doc_layout([[8], [8]], 8), cache=model.new_cache(2, 8))
+    cache = model.new_cache(2, 16)
+    cache.pos = 4
+    with pytest.raises(ValueError, match="cannot be used with a KV cache that already holds keys"):
+        model(x, position_ids=torch.arange(8).expand(2, 8), layout=doc_layout([[8], [8]], 8), cache=cache)
+
+
+@pytest.mark.parametrize("name", ["llama3", "phi3-window", "phi4-mini"])
+def test_packed_prefill_keeps_each_prompts_keys_at_its_columns(tmp_path, name):
+    """A layout with an empty cache: every prompt's keys, values and hidden states as if prefilled alone."""
+    from minidistill.attention import doc_layout
+
+    write_checkpoint(tmp_path, name)
+    model = md.load_model(tmp_path, dtype=torch.float32)
+    lengths = [5, 1, 12, 40]  # phi3-window: a window of 7, shorter than two; phi4-mini: 40 past LongRoPE's 32
+    prompts = [ids(n, batch=1, seed=i)[0].tolist() for i, n in enumerate(lengths)]
+    n = sum(lengths)
+    flat = torch.tensor([[t for p in prompts for t in p]])
+    pos = torch.tensor([[i for p in prompts for i in range(len(p))]])
+    cache = model.new_cache(1, n)
+    with torch.no_grad():
+        hidden = model(flat, position_ids=pos, layout=doc_layout([lengths], n), cache=cache, return_hidden=True)
+        assert cache.pos == n
+        at = 0
+        for p in prompts:
+            alone = model.new_cache(1, len(p))
+            want = model(torch.tensor([p]), cache=alone, return_hidden=True)
+            assert torch.allclose(hidden[0, at:at + len(p)], want[0], atol=1e-5)
+            for layer in range(model.config.num_hidden_layers):
+                assert torch.allclose(cache.k[layer][0, :, at:at + len(p)], alone.k[layer][0], atol=1e-5)
+                assert torch.allclose(cache.v[layer][0, :, at:at + len(p)], alone.v[layer][0], atol=1e-5)
+            at += len(p)
 
 
 def test_linear_group_hook_gets_projections_sharing_an_input(tmp_path):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import minidistill as md
+from minidistill import prepacked
 from minidistill.new_tokens import TokenRowsEmbedding, has_token_rows, merge_token_rows
 from model_fixtures import CONFIGS, ids, ours, randomise_lora, rel_err, write_checkpoint
 
@@ -114,7 +115,7 @@ def test_merge_token_rows_writes_rows_and_restores_plain_modules(tmp_path):
     rows = model.model.embed_tokens.new_rows.detach().clone()
     merge_token_rows(model)
     assert not has_token_rows(model) and type(model.model.embed_tokens) is torch.nn.Embedding
-    assert type(model.lm_head) is torch.nn.Linear
+    assert type(model.lm_head) is prepacked.Linear  # the model's own class again
     new = [tok.token_to_id(t) for t in THINK]
     assert torch.equal(model.model.embed_tokens.weight[new], rows)
     with torch.no_grad():

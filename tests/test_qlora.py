@@ -11,6 +11,7 @@ from torch import nn
 
 import minidistill as md
 from minidistill.lora import LoRALinear, NF4LoRALinear
+from minidistill.prepacked import Linear
 from minidistill.quant import NF4Linear, quantize_nf4
 from model_fixtures import CONFIGS, ids, randomise_lora, rel_err, write_checkpoint
 
@@ -51,7 +52,7 @@ def test_nf4_load_quantizes_block_linears_only(tmp_path, name):
     blocks = block_modules(model)
     n_linears = (4 if CONFIGS[name]["model_type"] == "phi3" else 7) * CONFIGS[name]["num_hidden_layers"]
     assert len(blocks) == n_linears and all(type(m) is NF4Linear for m in blocks.values())
-    assert type(model.model.embed_tokens) is nn.Embedding and type(model.lm_head) is nn.Linear
+    assert type(model.model.embed_tokens) is nn.Embedding and type(model.lm_head) is Linear
     for n, t in model.state_dict().items():  # everything else stays in the compute dtype
         module = n.rpartition(".")[0]
         assert t.dtype == (torch.uint8 if n.endswith(".weight") and module in blocks
@@ -187,7 +188,7 @@ def test_merge_exports_16bit_checkpoint_for_transformers(tmp_path, name):
     with torch.no_grad():
         want = model(x)
     md.merge_lora(model)
-    assert all(type(m) is nn.Linear and m.weight.dtype == F32 for m in block_modules(model).values())
+    assert all(type(m) is Linear and m.weight.dtype == F32 for m in block_modules(model).values())
     md.save_model(model, tmp_path / "merged")
     with safe_open(str(tmp_path / "merged" / "model.safetensors"), framework="pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
@@ -205,7 +206,7 @@ def test_merge_in_bf16_gives_bf16_linears(tmp_path):
     want = (layer.dequantize(F32) + layer.delta_weight()).to(torch.bfloat16)
     md.merge_lora(model)
     merged = model.model.layers[0].self_attn.q_proj
-    assert type(merged) is nn.Linear and torch.equal(merged.weight, want)
+    assert type(merged) is Linear and torch.equal(merged.weight, want)
     assert merged.bias.dtype == torch.bfloat16 and not merged.weight.requires_grad
     assert md.merge_lora(model) is model  # idempotent
 
@@ -239,7 +240,7 @@ def test_prequantized_bnb_checkpoint_loads_in_4bit(tmp_path):
     for quantize in (None, "nf4"):
         model = md.load_model(tmp_path / "q4", dtype=F32, quantize=quantize)
         blocks = block_modules(model)
-        dense = sorted(p for p, m in blocks.items() if type(m) is nn.Linear)
+        dense = sorted(p for p, m in blocks.items() if type(m) is Linear)
         assert dense == ["model.layers.0.self_attn.o_proj", "model.layers.1.mlp.down_proj",
                          "model.layers.1.self_attn.o_proj"]
         assert sum(type(m) is NF4Linear for m in blocks.values()) == 14 - 3

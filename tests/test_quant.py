@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minidistill import quant
+from minidistill import prepacked, quant
 from minidistill.config import ModelConfig
 from minidistill.kernels.nf4 import dequantize_nf4_reference
 from minidistill.model import Transformer
@@ -109,7 +109,7 @@ def test_to_linear_gives_the_decoded_frozen_weight():
     dense = torch.nn.Linear(64, 8, bias=True)
     layer = NF4Linear.from_linear(dense, blocksize=32, compress_statistics=False)
     lin = layer.to_linear(torch.bfloat16)
-    assert type(lin) is torch.nn.Linear and lin.weight.dtype == lin.bias.dtype == torch.bfloat16
+    assert type(lin) is prepacked.Linear and lin.weight.dtype == lin.bias.dtype == torch.bfloat16
     assert torch.equal(lin.weight, layer.dequantize(torch.bfloat16)) and not lin.weight.requires_grad
     assert torch.equal(lin.bias, dense.bias.detach().to(torch.bfloat16))
     assert repr(layer).endswith("(in_features=64, out_features=8, bias=True, blocksize=32, double_quant=False)")

@@ -78,9 +78,11 @@ def test_greedy_picks_the_first_of_tied_maxima_as_argmax_does():
 
 # phi4-mini: original context 32; prompts of 20 and 31 tokens cross it while generating, 40 starts past it.
 # phi3-window: sliding window 7, shorter than every longer prompt.
+@pytest.mark.parametrize("packed", [True, False], ids=["packed-prefill", "padded-prefill"])
 @pytest.mark.parametrize("name, lengths", [("llama3-tied", [1, 9, 3, 17, 6]), ("phi4-mini", [1, 20, 40, 7, 31]),
                                            ("phi3-window", [1, 12, 5, 9, 2]), ("qwen2", [4, 1, 11, 6, 8])])
-def test_batched_greedy_equals_recompute_over_mixed_lengths(tmp_path, name, lengths):
+def test_batched_greedy_equals_recompute_over_mixed_lengths(tmp_path, monkeypatch, name, lengths, packed):
+    monkeypatch.setattr(sampling, "_packs", lambda model: packed)  # padded: CUDA fp32's prefill
     model = load(tmp_path, name)
     prompts = prompts_of(lengths)
     want = [recompute_greedy(model, p, 14) for p in prompts]
@@ -88,8 +90,10 @@ def test_batched_greedy_equals_recompute_over_mixed_lengths(tmp_path, name, leng
     assert generate_ids_batch(model, prompts, max_new_tokens=14, batch_size=2) == want
     calls = forward_batches(model)
     assert generate_ids_batch(model, prompts, max_new_tokens=14, batch_size=8) == want
-    if name == "phi4-mini":  # prefill chunks (31 and 20 together), and the two crossing rows again, whole
-        # (widths from 16 up are rounded to a multiple of 16: a faster CPU flash kernel)
+    if name == "phi4-mini" and packed:  # 40 (long factors) alone, 31 + 20 + 7 + 1 in one row, and the
+        # two crossing rows again, whole (32 + 1 tokens)
+        assert sorted((b, t) for b, t in calls if t > 1) == [(1, 33), (1, 33), (1, 40), (1, 59)]
+    elif name == "phi4-mini":  # padded chunks (31 and 20 together; widths from 16 up a multiple of 16)
         assert sorted((b, t) for b, t in calls if t > 1) == [(1, 7), (1, 48), (1, 48), (1, 48), (2, 32)]
     assert max(b for b, t in calls if t == 1) >= 3  # rows of different lengths really shared forwards
 
@@ -128,7 +132,9 @@ def test_seeded_sampling_is_the_same_whatever_the_batch(tmp_path):
         generate_ids_batch(model, prompts, seed=[1, 2], **kw)
 
 
-def test_cache_is_never_read_outside_a_row(tmp_path, monkeypatch):
+@pytest.mark.parametrize("packed", [True, False], ids=["packed-prefill", "padded-prefill"])
+def test_cache_is_never_read_outside_a_row(tmp_path, monkeypatch, packed):
+    monkeypatch.setattr(sampling, "_packs", lambda model: packed)
     model = load(tmp_path, "qwen2")
     prompts = prompts_of([1, 13, 4, 9, 2, 7])
     want = [recompute_greedy(model, p, 10) for p in prompts]
