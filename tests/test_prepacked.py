@@ -19,36 +19,48 @@ def close(a, b):
     return torch.allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+def packing(rows, budget_mb=None):
+    packs = PackedWeights(budget_mb)
+    packs.rows = rows  # what the decoder sets for a steady batch
+    return packs
+
+
 @torch.no_grad()
 def test_packed_products_equal_f_linear_over_odd_shapes():
     g = torch.Generator().manual_seed(0)
     for out_f, in_f, bias in ((37, 53, True), (8, 200, False), (300, 17, True)):
         lin = nn.Linear(in_f, out_f, bias=bias)
-        packs = PackedWeights()
-        inputs = [torch.randn(2, in_f, generator=g), torch.randn(33, in_f, generator=g),
-                  torch.randn(3, 5, in_f, generator=g),  # (B, T, in)
-                  torch.randn(in_f, 7, generator=g).t()]  # not contiguous
-        for x in inputs:
+        for x in (torch.randn(2, in_f, generator=g), torch.randn(33, in_f, generator=g),
+                  torch.randn(3, 5, in_f, generator=g),  # (B, T, in): 15 rows
+                  torch.randn(in_f, 7, generator=g).t()):  # not contiguous
+            rows = x.numel() // in_f
+            packs = packing(rows)
             y = packs.linear(x, lin.weight, lin.bias)
             assert y is not None and y.shape == (*x.shape[:-1], out_f)
             assert close(y, F.linear(x, lin.weight, lin.bias))
-        assert packs.packs == 1 and packs.kept_bytes == out_f * in_f * 4  # packed once, kept for the call
-        packs.close()
-        assert packs.kept == {} and packs.kept_bytes == 0
+            assert close(packs.linear(x, lin.weight, lin.bias), y)  # kept for the call: no packing again
+            assert packs.packs == 1 and packs.kept_bytes == out_f * in_f * 4
+            assert packs.linear(torch.randn(rows + 1, in_f), lin.weight, lin.bias) is None  # other rows
+            packs.rows = rows + 1  # the decoder's batch changed: packed again for it
+            z = torch.randn(rows + 1, in_f, generator=g)
+            assert close(packs.linear(z, lin.weight, lin.bias), F.linear(z, lin.weight, lin.bias))
+            assert packs.packs == 2 and packs.kept_bytes == out_f * in_f * 4
+            packs.close()
+            assert packs.kept == {} and packs.kept_bytes == 0
 
 
 @torch.no_grad()
 def test_the_rule_sends_the_rest_to_f_linear():
     lin = nn.Linear(24, 16)
-    packs = PackedWeights()
     x = torch.randn(4, 24)
-    assert packs.linear(x[:1], lin.weight, lin.bias) is None  # one row: a matrix-vector product
-    assert packs.linear(torch.randn(257, 24), lin.weight, lin.bias) is None  # a prefill's many rows
-    assert packs.linear(x.bfloat16(), lin.weight.bfloat16(), None) is None  # bf16: oneDNN's own path
-    assert packs.linear(x, lin.weight.detach().clone(), None) is None  # not a Parameter (a decoded buffer)
-    assert packs.packs == 0
-    assert PackedWeights(0).linear(x, lin.weight, None) is None  # budget 0: nothing packed
-    small = PackedWeights(16 * 24 * 4 * 1.5 / 2**20)  # room for one such weight, not two
+    assert PackedWeights().linear(x, lin.weight, None) is None  # rows 0: the decoder asked for none
+    for rows, args in ((1, (x[:1], lin.weight, lin.bias)),  # one row: a matrix-vector product
+                       (4, (x.bfloat16(), lin.weight.bfloat16(), None)),  # bf16: oneDNN's own path
+                       (4, (x, lin.weight.detach().clone(), None))):  # not a Parameter (a decoded buffer)
+        packs = packing(rows)
+        assert packs.linear(*args) is None and packs.packs == 0
+    assert packing(4, budget_mb=0).linear(x, lin.weight, None) is None  # budget 0: nothing packed
+    small = packing(4, 16 * 24 * 4 * 1.5 / 2**20)  # room for one such weight, not two
     other = nn.Linear(24, 16)
     assert small.linear(x, lin.weight, None) is not None and small.linear(x, other.weight, None) is None
     assert small.kept_bytes == 16 * 24 * 4 <= small.budget
@@ -59,7 +71,7 @@ def test_the_rule_sends_the_rest_to_f_linear():
 @torch.no_grad()
 def test_a_weight_changed_in_place_is_packed_again():
     lin = nn.Linear(24, 16)
-    packs, x = PackedWeights(), torch.randn(5, 24)
+    packs, x = packing(5), torch.randn(5, 24)
     before = packs.linear(x, lin.weight, lin.bias)
     lin.weight.mul_(-2)  # an optimizer step or a LoRA merge between two yields
     after = packs.linear(x, lin.weight, lin.bias)
@@ -74,6 +86,7 @@ def test_active_only_under_no_grad_and_only_inside_it():
         with PackedWeights():
             pass
     with torch.no_grad(), PackedWeights() as packs:
+        packs.rows = 3
         lin(x)
     assert packs.packs == 1
     lin(x).sum().backward()  # outside: plain F.linear, with its backward
@@ -111,16 +124,19 @@ def test_generation_with_packed_weights_equals_generation_without(tmp_path, monk
     model.eval()
     prompts = prompts_of([1, 9, 20, 4, 13])
     made = recording(monkeypatch)
+    n = prepacked.PACK_MIN_STEPS + 4
 
-    def generate(n=20, **kw):
-        done = sampling.iter_generate(model, prompts, max_new_tokens=n, batch_size=3, **kw)
+    def generate(batch_size=3, **kw):
+        done = sampling.iter_generate(model, prompts, max_new_tokens=n, batch_size=batch_size, **kw)
         return [c.ids for c in sorted(done, key=lambda c: c.index)]
 
     want = generate(decode_budget_mb=0)
     assert made[-1].at_close == (0, 0)  # budget 0: nothing packed
-    got = generate()
+    got = generate()  # batch 3 of 5 prompts: rows are refilled, the batch is steady
     packs, kept = made[-1].at_close
     assert got == want and packs > 0 and 0 < kept <= sum(p.numel() * 4 for p in model.parameters())
     assert not getattr(prepacked._state, "active", None)  # gone when the call ends
-    generate(prepacked.PACK_MIN_NEW_TOKENS - 1)
-    assert made[-1].at_close == (0, 0)  # a short call: packing would cost more than it saves
+    assert generate(batch_size=5) == want and made[-1].at_close[0] > 0  # no row can end before n tokens
+    stop = {want[0][-1], want[3][-1]}  # rows may end (and none wait): packing would not repay itself
+    cut = [w[:min([i for i, t in enumerate(w) if t in stop], default=n)] for w in want]
+    assert generate(batch_size=5, stop_ids=stop) == cut and made[-1].at_close == (0, 0)

@@ -82,7 +82,7 @@ def test_greedy_picks_the_first_of_tied_maxima_as_argmax_does():
 @pytest.mark.parametrize("name, lengths", [("llama3-tied", [1, 9, 3, 17, 6]), ("phi4-mini", [1, 20, 40, 7, 31]),
                                            ("phi3-window", [1, 12, 5, 9, 2]), ("qwen2", [4, 1, 11, 6, 8])])
 def test_batched_greedy_equals_recompute_over_mixed_lengths(tmp_path, monkeypatch, name, lengths, packed):
-    monkeypatch.setattr(sampling, "_packs", lambda model: packed)  # padded: CUDA fp32's prefill
+    monkeypatch.setattr(sampling, "_packed_prefill", lambda model: packed)  # padded: CUDA fp32's prefill
     model = load(tmp_path, name)
     prompts = prompts_of(lengths)
     want = [recompute_greedy(model, p, 14) for p in prompts]
@@ -134,7 +134,7 @@ def test_seeded_sampling_is_the_same_whatever_the_batch(tmp_path):
 
 @pytest.mark.parametrize("packed", [True, False], ids=["packed-prefill", "padded-prefill"])
 def test_cache_is_never_read_outside_a_row(tmp_path, monkeypatch, packed):
-    monkeypatch.setattr(sampling, "_packs", lambda model: packed)
+    monkeypatch.setattr(sampling, "_packed_prefill", lambda model: packed)
     model = load(tmp_path, "qwen2")
     prompts = prompts_of([1, 13, 4, 9, 2, 7])
     want = [recompute_greedy(model, p, 10) for p in prompts]
