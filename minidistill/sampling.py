@@ -1,10 +1,11 @@
 """Generation with the KV cache: one sampler, and one decoder for one prompt or many.
 
 Ragged batches: prompts are prefilled in chunks of up to 2,048 tokens, packed into one row (each
-prompt a document of a `DocLayout`: attention stays within it, and no pad is computed), and their
-keys are copied into a shared left-padded decode cache, row r in slots [start_r, pos); every row writes its
-next key at the shared slot `pos`, `KVCache.key_mask` (B, slots) keeps each row to its own
-slots and each row has its own position ids, so a row sees what it would see decoded alone.
+prompt a document of a `DocLayout`: attention stays within it, and no pad is computed), and
+their keys are copied into a shared left-padded decode cache, row r in slots [start_r, pos);
+every row writes its next key at the shared slot `pos`, `KVCache.key_mask` (B, slots) keeps
+each row to its own slots and each row has its own position ids, so a row sees what it would
+see decoded alone.
 Finished rows (a stop id, a stop string, `max_new_tokens`) leave and waiting prompts take
 their place: `batch_size` sequences decode together whatever their lengths, with one host
 sync per step (reading the sampled ids). Where packed attention would be FlexAttention (CUDA in
