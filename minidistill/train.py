@@ -50,11 +50,12 @@ def _parse(argv: list[str] | None) -> tuple[TrainConfig, bool]:
 
 def demo_config() -> TrainConfig:
     """The offline demo: a tiny random model and the bundled arithmetic reasoning data."""
-    from .demo import demo_cache, demo_data_path, demo_model_dir
+    from .demo import demo_cache, demo_data_path
     from .lora import LoraConfig
     from .samples import DataConfig
 
-    return TrainConfig(model=str(demo_model_dir()), data=str(demo_data_path(demo_cache())), output=DEMO_OUTPUT,
+    # "demo" (not its folder) is recorded in the adapter, so `--model demo --adapter ...` matches it
+    return TrainConfig(model="demo", data=str(demo_data_path(demo_cache())), output=DEMO_OUTPUT,
                        max_steps=500, batch_size=8, grad_accum=1, lr=3e-3, min_lr=3e-4, warmup_steps=10,
                        grad_checkpointing=False, eval_split=0.02, eval_every=100, save_every=250,
                        sample_max_tokens=60, device="cpu", data_config=DataConfig(max_seq_len=128),
@@ -71,7 +72,9 @@ def main(argv: list[str] | None = None) -> dict:
             shutil.rmtree(cfg.output)  # the demo's own folder starts fresh (unless resumed)
     summary = train(cfg)
     if demo:
-        print(f"  demo model   {cfg.model} (--model demo in every command), e.g.\n"
+        from .demo import demo_model_dir
+
+        print(f"  demo model   {demo_model_dir()} (--model demo in every command), e.g.\n"
               f"    python -m minidistill.generate --model demo --adapter {cfg.output}/adapter "
               "--prompt 'Ana has 3 apples and buys 4 more. How many apples does Ana have?'")
     return summary

@@ -6,12 +6,14 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import minidistill as md
 from minidistill.demo import build_demo_model, write_demo_data
 from minidistill.checkpoints import latest_checkpoint
 from minidistill.train import main, parse_args
@@ -312,6 +314,11 @@ def test_the_demo_folder_starts_fresh_unless_resumed(tmp_path, monkeypatch, caps
     assert [r["step"] for r in metrics(tmp_path / "runs/demo")] == [1, 2, 3]
     main(quick)  # not resumed: a fresh run in a fresh folder
     assert [r["step"] for r in metrics(tmp_path / "runs/demo")] == [1, 2]
+    adapter = tmp_path / "runs/demo/adapter"  # what `generate --model demo --adapter ...` (printed) loads
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == "demo"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "adapter was trained on <the demo's folder>" warning
+        md.load_adapter(md.load_model("demo"), adapter, verbose=False)
 
 
 def test_bad_input_is_one_line_not_a_traceback(setup, tmp_path):
