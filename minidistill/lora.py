@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import prepacked
 from .cli import flag_field
 from .fused import rms_norm_backward, rms_norm_forward, swiglu, swiglu_backward
-from . import prepacked
 from .new_tokens import merge_token_rows
 from .quant import (NF4Linear, NF4State, dense_linear, dequantize_nf4, nf4_linear, nf4_matmul, nf4_matmul_weight,
                     nf4_state_of, register_nf4_weight)

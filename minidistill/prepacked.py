@@ -8,7 +8,7 @@ the op that torch.compile's CPU freezing pass uses) and multiplies with `torch.o
 A packing serves one row count only (MKL packs for it; `_mkl_linear` itself falls back to the plain
 product for any other). Measured on the 2-core container, one thread, SmolLM2-135M shapes, weights
 read from memory (not cache), per product: (32, 576) @ (576, 1536) 0.88 -> 0.58 ms, at 8 rows
-0.61 -> 0.37 ms; a batch-32 decode step 160 -> 135-140 ms, the same greedy tokens.
+0.61 -> 0.37 ms; a batch-32 decode step 160-168 -> 134-143 ms, the same greedy tokens.
 
 Packing is not free: the whole SmolLM2-135M took 0.56 s inside a generate call, about 20 steps'
 gain. So the decoder says which row count to pack for (`rows`), and only for a batch that will keep
