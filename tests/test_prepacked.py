@@ -102,7 +102,7 @@ def recording(monkeypatch):
             made.append(self)
 
         def close(self):
-            self.at_close = (self.packs, self.kept_bytes)
+            self.at_close, self.packed_ids = (self.packs, self.kept_bytes), set(self.kept)
             super().close()
 
     monkeypatch.setattr(sampling, "PackedWeights", Recorded)
@@ -134,7 +134,9 @@ def test_generation_with_packed_weights_equals_generation_without(tmp_path, monk
     assert made[-1].at_close == (0, 0)  # budget 0: nothing packed
     got = generate()  # batch 3 of 5 prompts: rows are refilled, the batch is steady
     packs, kept = made[-1].at_close
-    assert got == want and packs > 0 and 0 < kept <= sum(p.numel() * 4 for p in model.parameters())
+    assert got == want and packs > 0 and kept <= sum(p.numel() * 4 for p in model.parameters())
+    layers = [m for m in model.modules() if isinstance(m, md.LoRALinear if lora else prepacked.Linear)]
+    assert layers and all(id(m.weight) in made[-1].packed_ids for m in layers)  # every projection (LoRA bases too)
     assert not getattr(prepacked._state, "active", None)  # gone when the call ends
     assert generate(batch_size=5) == want and made[-1].at_close[0] > 0  # no row can end before n tokens
     stop = {want[0][-1], want[3][-1]}  # rows may end (and none wait): packing would not repay itself
