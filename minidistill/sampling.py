@@ -142,8 +142,12 @@ def _chunks(rows: list[_Row], packed: bool, budget: int = 2048) -> list[list[_Ro
         n, chunk = len(row.prompt) + len(row.out), out[-1] if out else None
         if chunk and chunk[0].long == row.long:
             used = sum(len(r.prompt) + len(r.out) for r in chunk) + n
-            padded = (len(chunk) + 1) * (len(chunk[0].prompt) + len(chunk[0].out))
-            if used <= budget if packed else padded <= min(budget, 1.25 * used):
+            if packed:
+                fits = used <= budget
+            else:  # every row as wide as the chunk's first (longest) one
+                padded = (len(chunk) + 1) * (len(chunk[0].prompt) + len(chunk[0].out))
+                fits = padded <= min(budget, 1.25 * used)
+            if fits:
                 chunk.append(row)
                 continue
         out.append([row])
