@@ -36,8 +36,9 @@ def swiglu_reference(gate: Tensor, up: Tensor) -> Tensor:
 def rms_norm_forward(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """(weight * normalised x, rstd): rstd (..., 1) fp32 is 1 / rms(x), what backward needs besides x."""
     x32 = x.float()
-    rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
-    return weight * (x32 * rstd).to(x.dtype), rstd
+    rstd = x32.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()  # (..., 1)
+    n = (x32 * rstd).to(x.dtype)  # a fresh tensor: scaled in place where no dtype promotion would differ
+    return (n.mul_(weight) if n.dtype == weight.dtype else weight * n), rstd
 
 
 def rms_norm_backward(grad: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, need_weight: bool,
@@ -102,5 +103,5 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     """silu(gate) * up saving gate and up only (silu is recomputed in backward)."""
     if not torch.is_grad_enabled() or not (gate.requires_grad or up.requires_grad):
-        return F.silu(gate) * up
+        return F.silu(gate).mul_(up) if up.dtype == gate.dtype else F.silu(gate) * up
     return _SwiGLU.apply(gate, up)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -44,9 +45,21 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.max_len = max_len
         self.pos = 0  # positions already stored
-        # (B, max_len) bool: the slots each row may attend (ragged batches, left-padded rows);
-        # None: every stored slot. Set by the batched decoder.
-        self.key_mask: Tensor | None = None
+        self.key_mask = None
+        # The first slot each row may attend (host ints, what key_mask says), or None: set by the
+        # batched decoder, so that a decode step reads each block of rows from its earliest slot.
+        self.row_starts: list[int] | None = None
+
+    @property
+    def key_mask(self) -> Tensor | None:
+        """(B, max_len) bool: the slots each row may attend (ragged batches, left-padded rows);
+        None: every stored slot. Set by the batched decoder."""
+        return self._key_mask
+
+    @key_mask.setter
+    def key_mask(self, mask: Tensor | None) -> None:
+        self._key_mask = mask
+        self.key_drop = None if mask is None else ~mask  # its complement, made once (decode steps use it)
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         end = self.pos + k.shape[2]
@@ -79,7 +92,11 @@ def swiglu_linear(gate: Tensor, up: Tensor, down: nn.Module, out_needed: bool = 
     out_needed=False: the caller drops the result (a block's recomputation), so a LoRA `down` skips
     its base matmul (zeros come out)."""
     f = getattr(down, "swiglu_forward", None)
-    return f(gate, up, out_needed) if f is not None else down(fused.swiglu(gate, up))
+    if f is not None:
+        return f(gate, up, out_needed)
+    if not torch.is_grad_enabled() and gate.dtype == up.dtype:  # gate is this MLP's own: silu in place
+        return down(F.silu(gate, inplace=True).mul_(up))
+    return down(fused.swiglu(gate, up))
 
 
 class Attention(nn.Module):
@@ -153,11 +170,11 @@ class Block(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, layout: DocLayout | None, cache: KVCache | None,
                 recompute_mlp: bool = False) -> Tensor:
         """recompute_mlp: checkpoint the MLP only (attention keeps its activations, so it never runs twice)."""
-        x = x + self.self_attn(x, cos, sin, layout, cache, self.input_layernorm)  # each applies its norm
+        x = _residual(x, self.self_attn(x, cos, sin, layout, cache, self.input_layernorm))  # each applies its norm
         if recompute_mlp:  # (a compiled block takes no context_fn: the skip below is eager-only anyway)
             kw = {} if torch.compiler.is_compiling() else {"context_fn": _checkpoint_contexts}
             return x + checkpoint(self._mlp, x, use_reentrant=False, **kw)
-        return x + self._mlp(x)
+        return _residual(x, self._mlp(x))
 
     def _mlp(self, x: Tensor) -> Tensor:
         # Recomputed in backward (checkpointing), the MLP's output is dropped: its last matmul, the
@@ -165,6 +182,12 @@ class Block(nn.Module):
         # compiled block: its recomputed graph must save what the forward's graph saved, in order.
         skip = _RECOMPUTING[0] and not torch.compiler.is_compiling()
         return self.mlp(x, self.post_attention_layernorm, out_needed=not skip)
+
+
+def _residual(x: Tensor, y: Tensor) -> Tensor:
+    """x + y; without autograd into y (a sublayer's fresh output), which saves a large allocation
+    in a prefill or a teacher's forward."""
+    return x + y if torch.is_grad_enabled() or y.dtype != x.dtype else y.add_(x)
 
 
 _RECOMPUTING = [False]  # True while torch.utils.checkpoint recomputes a block (`_checkpoint_contexts`)

@@ -164,6 +164,13 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     rd = cos.shape[-1]
     cos, sin = cos[:, :, None], sin[:, :, None]  # (B, T, 1, rd)
     if rd == x.shape[-1]:
-        return x * cos + _rotate_half(x) * sin
+        return _rotated(x, cos, sin)
     x_rot, x_pass = x[..., :rd], x[..., rd:]
-    return torch.cat((x_rot * cos + _rotate_half(x_rot) * sin, x_pass), dim=-1)
+    return torch.cat((_rotated(x_rot, cos, sin), x_pass), dim=-1)
+
+
+def _rotated(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x * cos + rotate_half(x) * sin; without autograd the sum goes into a product (same rounding)."""
+    if torch.is_grad_enabled():
+        return x * cos + _rotate_half(x) * sin
+    return (x * cos).add_(_rotate_half(x).mul_(sin))
