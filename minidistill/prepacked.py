@@ -10,13 +10,24 @@ product for any other). Measured on the 2-core container, one thread, SmolLM2-13
 read from memory (not cache), per product: (32, 576) @ (576, 1536) 0.88 -> 0.58 ms, at 8 rows
 0.61 -> 0.37 ms; a batch-32 decode step 160-168 -> 134-143 ms, the same greedy tokens.
 
-Packing is not free: the whole SmolLM2-135M took 0.56 s inside a generate call, about 20 steps'
-gain. So the decoder says which row count to pack for (`rows`), and only for a batch that will keep
-its row count for at least PACK_MIN_STEPS more steps (sampling._Group.steady); 0: none.
+Packing is not free: the whole SmolLM2-135M took 0.23-0.56 s, about 10-20 steps' gain. So the
+decoder says which row count to pack for (`rows`; 0: none), asking `worth` with the steps its batch
+may still decode (sampling._Group.steps_left): at least PACK_MIN_STEPS for a first packing. A product of fewer rows, down to a
+quarter of `rows` (and at least PAD_MIN_ROWS), is padded with zero rows to `rows`: unpacked, F.linear
+is erratic at those sizes. Measured, all SmolLM2-135M weights once, one thread, ms (F.linear at
+M rows; packed for P rows):
+
+    M or P:    4     8    12    16    24    32
+    F.linear  69    93   119    94   105   114
+    packed    47    58    62    67    77    90
+
+so one packing serves a batch that shrinks from 32 rows to 8 as its replies end, and a smaller one
+is made only where it repays itself (`worth`: packed, a row costs about 1.55 ms a step and a packing
+about 230 ms, so going from P rows to n pays after 150 / (P - n) steps).
 
 The rule, while active (`with packs:`, grad off, as quant.DecodedWeights):
 - only fp32 Parameters on the CPU (a decoded NF4 buffer changes under us; bf16 takes oneDNN's
-  own path), and only products of exactly `rows` rows (at least two);
+  own path), and only products of `rows` rows or of fewer, padded (`serves`);
 - a weight is packed on its first such use, kept while the packed bytes stay within the budget
   (the same as `decode_budget_mb`: DECODE_BUDGET_MB when None); past it, `F.linear`;
 - a weight changed in place since it was packed (its version counter moved: an optimizer step
@@ -34,7 +45,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 _state = threading.local()  # per thread: the active PackedWeights
-PACK_MIN_STEPS = 32  # the decoder packs for a batch that keeps its row count at least this many steps
+PACK_MIN_STEPS = 32  # the decoder packs for a batch that may decode at least this many more steps
+PAD_MIN_ROWS = 4  # fewer rows go to F.linear (near a matrix-vector product there, as fast as packed)
+REPACK_ROW_STEPS = 150  # a packing costs about as much as this many row-steps of packed products
 
 
 def available() -> bool:
@@ -53,25 +66,45 @@ class PackedWeights:
         self.budget = (DECODE_BUDGET_MB if budget_mb is None else budget_mb) * 2**20  # bytes
         self.kept: dict[int, tuple] = {}  # id(weight) -> (weight, version, rows, packed)
         self.rows = 0  # the row count to pack for (set by the decoder); 0: none
-        self.kept_bytes, self.packs = 0, 0  # packs: every packing (for tests)
+        self.kept_bytes, self.packs, self.padded = 0, 0, 0  # packings made, products padded (for tests)
         self.enabled = available()
+
+    def serves(self, rows: int) -> bool:
+        """A product of this many rows takes the packed weights (padded to `self.rows` if fewer)."""
+        return self.rows >= PAD_MIN_ROWS and self.rows >= rows >= max(PAD_MIN_ROWS, self.rows / 4)
+
+    def worth(self, rows: int, steps: int) -> bool:
+        """Pack for `rows` rows, for a batch that may decode `steps` more steps? (the module docstring)"""
+        if rows < PAD_MIN_ROWS or rows == self.rows:
+            return False
+        if not self.serves(rows):  # none yet, too few rows for it, or more than it was packed for
+            return steps >= PACK_MIN_STEPS
+        # Served (padded): repack for a batch that has halved, if the steps left repay it. (With stop
+        # ids the batch may shrink again soon: a packing for each rebuild's row count would not pay.)
+        return 2 * rows <= self.rows and (self.rows - rows) * steps >= REPACK_ROW_STEPS
 
     def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
         """x @ weight.T + bias with the packed weight, or None where the rule says `F.linear`."""
         rows = x.numel() // weight.shape[1] if weight.ndim == 2 else 0
-        if not (self.enabled and rows == self.rows >= 2 and x.device.type == "cpu" and x.dtype == torch.float32
+        if not (self.enabled and self.serves(rows) and x.device.type == "cpu" and x.dtype == torch.float32
                 and weight.dtype == torch.float32 and isinstance(weight, nn.Parameter)):
             return None
+        P = self.rows
         entry = self.kept.get(id(weight))  # (weight, its version when packed, rows, packed)
-        if entry is None or entry[1:3] != (weight._version, rows):
+        if entry is None or entry[1:3] != (weight._version, P):
             nbytes = weight.numel() * weight.element_size()
             if entry is None and self.kept_bytes + nbytes > self.budget:
                 return None
             self.packs += 1
             self.kept_bytes += nbytes if entry is None else 0
-            packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), rows)
-            entry = self.kept[id(weight)] = (weight, weight._version, rows, packed)
-        return torch.ops.mkl._mkl_linear(x, entry[3], weight, bias, rows)
+            packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), P)
+            entry = self.kept[id(weight)] = (weight, weight._version, P, packed)
+        if rows == P:
+            return torch.ops.mkl._mkl_linear(x, entry[3], weight, bias, P)
+        self.padded += 1
+        padded = x.new_zeros(P, x.shape[-1])
+        padded[:rows] = x.reshape(rows, -1)
+        return torch.ops.mkl._mkl_linear(padded, entry[3], weight, bias, P)[:rows].view(*x.shape[:-1], -1)
 
     def __enter__(self) -> PackedWeights:
         if torch.is_grad_enabled():

@@ -26,9 +26,9 @@ its tokens depend neither on the batch size nor on the other prompts:
 
 4-bit (NF4) models decode each layer once per call, keeping up to `decode_budget_mb` of decoded
 weights, the rest per step (quant.DecodedWeights has the rule and the default); on the CPU fp32
-weights are packed for MKL's sgemm, up to the same budget, for a batch that keeps its row count
-long enough to repay the packing (prepacked.py; a batch-32 decode step 1.15x faster); all is
-freed when the call ends.
+weights are packed for MKL's sgemm, up to the same budget, for a batch that may decode long
+enough to repay the packing, and serve it while it shrinks to a quarter (prepacked.py; a batch-32
+decode step 1.15x faster); all is freed when the call ends.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ from torch import Tensor
 
 from .attention import choose_kernel, doc_layout
 from .model import KVCache, Transformer
-from .prepacked import PACK_MIN_STEPS, PackedWeights
+from .prepacked import PackedWeights
 from .progress import Progress
 from .quant import DecodedWeights
 
@@ -219,18 +219,16 @@ class _Group:
     def _remaining(self, row: _Row) -> int:
         return self.s.max_new_tokens - len(row.out)  # inputs still to feed = cache slots still needed
 
-    def steady(self, refilled: bool) -> bool:
-        """The batch keeps its row count for PACK_MIN_STEPS more steps: finished rows are refilled
-        (prompts are waiting), or no row can end before its length."""
-        if refilled:
-            return True
-        return (not self.s.stop_ids and not self.s.stop_strings and self.live == len(self.rows)
-                and min(self._remaining(r) for r in self.rows) >= PACK_MIN_STEPS)
+    def steps_left(self, refilled: bool) -> int:
+        """At most how many more steps the batch decodes with this many rows: max_new_tokens when
+        finished rows are refilled (prompts are waiting), else its longest row's tokens left."""
+        return self.s.max_new_tokens if refilled else max(self._remaining(r) for r in self.rows if r is not None)
 
     def rebuild(self, extra: int = 0, left: int = 0, right: int = 0, slack: int = 0) -> None:
         """New buffers: the live rows (their live slots only), `extra` empty rows, at least `left`
         slots before the write position and `right` + slack after it. Finished rows are dropped."""
-        keep = [i for i, r in enumerate(self.rows) if r is not None]
+        # Sorted by first slot: a decode step reads the cache in blocks of rows (attention._row_blocks).
+        keep = sorted((i for i, r in enumerate(self.rows) if r is not None), key=lambda i: self.starts[i])
         old, pos = self.cache, self.cache.pos if self.cache is not None else 0
         lo = min((self.starts[i] for i in keep), default=pos)
         hist = pos - lo  # slots of the oldest live row
@@ -284,11 +282,12 @@ class _Group:
 
     def _set_mask(self) -> None:
         if not any(s for s, r in zip(self.starts, self.rows) if r is not None):
-            self.cache.key_mask = None  # no padding: SDPA without a mask
+            self.cache.key_mask, self.cache.row_starts = None, None  # no padding: SDPA without a mask
             return
         starts = torch.tensor(self.starts, device=self.device)
         slots = torch.arange(self.cache.max_len, device=self.device)
         self.cache.key_mask = slots[None, :] >= starts[:, None]  # (B, slots)
+        self.cache.row_starts = list(self.starts)
 
     def step(self) -> list[int]:
         """One token for every row; returns the sampled ids (the step's one host sync)."""
@@ -386,9 +385,10 @@ def iter_generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_n
         for g in groups:
             if 4 * (len(g.rows) - g.live) >= len(g.rows):  # finished rows nobody took: leave the batch
                 g.rebuild()
+        big = max(groups, key=lambda g: len(g.rows), default=None)  # one packing: for the largest group
+        if big is not None and packs.worth(len(big.rows), big.steps_left(bool(waiting))):
+            packs.rows = len(big.rows)
         for g in groups:
-            if g.steady(bool(waiting)):  # pack for its row count (kept while the count stays)
-                packs.rows = len(g.rows)
             ids = g.step()
             tick(tokens=g.live)
             for i, tok in enumerate(ids):

@@ -341,16 +341,26 @@ def test_cuda_kernels_equal_dense_reference(monkeypatch, kernel, window):
 @pytest.mark.parametrize("heads", [(4, 4), (6, 2), (3, 1)], ids=lambda h: f"{h[0]}q{h[1]}kv")
 def test_decode_step_attention_equals_sdpa(heads, dtype):
     # The CPU decode path (one query per row, two matmuls) against SDPA: no mask, a per-row key mask
-    # (ragged batches), and a (1, Tk) window mask.
+    # (ragged batches), and a (1, Tk) window mask; rows read in blocks from each block's earliest slot.
     nh, nkv = heads
     g = torch.Generator().manual_seed(nh)
-    B, Tk, hd = 3, 11, 8
+    B, Tk, hd = 9, 11, 8
     q = torch.randn(B, nh, 1, hd, generator=g).to(dtype)
     k, v = (torch.randn(B, nkv, Tk, hd, generator=g).to(dtype) for _ in range(2))
-    starts = torch.tensor([0, 4, 10])
-    masks = [None, (torch.arange(Tk)[None] >= starts[:, None])[:, None, None, :], torch.arange(Tk)[None] > Tk - 4]
+    starts = [0, 1, 4, 4, 6, 7, 9, 10, 10]
+    masks = [None, (torch.arange(Tk)[None] >= torch.tensor(starts)[:, None])[:, None, None, :],
+             torch.arange(Tk)[None] > Tk - 4]
+    tol = 1e-6 if dtype == torch.float32 else 2e-2
     for mask in masks:
-        got = A._one_query(q, k, v, mask)
+        got = A._one_query(q, k, v, None if mask is None else ~mask)
         want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=nh != nkv)
-        tol = 1e-6 if dtype == torch.float32 else 2e-2
         torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+    blocks = A._row_blocks(starts, Tk)  # 4 blocks: rows 0:2 from slot 0, 2:4 from 4, 4:6 from 6, 6:9 from 9
+    assert blocks == [(0, 2, 0), (2, 4, 4), (4, 6, 6), (6, 9, 9)]
+    poisoned_k, poisoned_v = k.clone(), v.clone()
+    for a, b, lo in blocks:  # slots a block skips never reach its rows, NaN or not
+        poisoned_k[a:b, :, :lo], poisoned_v[a:b, :, :lo] = float("nan"), float("nan")
+    got = A._one_query(q, poisoned_k, poisoned_v, ~masks[1], blocks)
+    torch.testing.assert_close(got.float(), A._one_query(q, k, v, ~masks[1]).float(), rtol=tol, atol=tol)
+    assert A._row_blocks(starts[:7], Tk) is None  # fewer than 2 rows a block: one block
+    assert A._row_blocks([0, 0, 0, 0, 0, 0, 0, 1], Tk) is None  # it would skip under an eighth of the reads
