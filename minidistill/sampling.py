@@ -225,20 +225,27 @@ class _Group:
         return self.s.max_new_tokens if refilled else max(self._remaining(r) for r in self.rows if r is not None)
 
     def rebuild(self, extra: int = 0, left: int = 0, right: int = 0, slack: int = 0) -> None:
-        """New buffers: the live rows (their live slots only), `extra` empty rows, at least `left`
-        slots before the write position and `right` + slack after it. Finished rows are dropped."""
+        """The live rows (their live slots only), `extra` empty rows, at least `left` slots before
+        the write position and `right` + slack after it, in new buffers; finished rows are dropped.
+        Only dropping rows (nothing asked for): the live rows move up within the same buffers."""
         # Sorted by first slot: a decode step reads the cache in blocks of rows (attention._row_blocks).
         keep = sorted((i for i, r in enumerate(self.rows) if r is not None), key=lambda i: self.starts[i])
         old, pos = self.cache, self.cache.pos if self.cache is not None else 0
         lo = min((self.starts[i] for i in keep), default=pos)
-        hist = pos - lo  # slots of the oldest live row
-        n_left = max(hist, left)
-        n_right = max([right] + [self._remaining(self.rows[i]) for i in keep]) + slack
-        cache = self.model.new_cache(len(keep) + extra, n_left + n_right)
-        cache.pos = n_left
         at = torch.tensor(keep, dtype=torch.long, device=self.device)
-        if keep:
-            for layer in range(len(cache.k)):
+        if old is not None and not (extra or left or right or slack):
+            for buf in (old.k, old.v):
+                for layer in range(len(buf)):  # the gather is a copy: rows may move in any order
+                    buf[layer][:len(keep), :, lo:pos] = buf[layer][at, :, lo:pos]
+                    buf[layer] = buf[layer][:len(keep)]  # slots below a row's start stay masked, those past pos 0
+            cache, shift = old, 0
+        else:
+            hist = pos - lo  # slots of the oldest live row
+            n_left = max(hist, left)
+            n_right = max([right] + [self._remaining(self.rows[i]) for i in keep]) + slack
+            cache = self.model.new_cache(len(keep) + extra, n_left + n_right)
+            cache.pos, shift = n_left, n_left - pos
+            for layer in range(len(cache.k) if keep else 0):
                 cache.k[layer][:len(keep), :, n_left - hist:n_left] = old.k[layer][at, :, lo:pos]
                 cache.v[layer][:len(keep), :, n_left - hist:n_left] = old.v[layer][at, :, lo:pos]
         pad = self._zeros(extra)
@@ -247,7 +254,7 @@ class _Group:
         if self.noise is not None:
             self.noise = torch.cat([self.noise[at], self.noise.new_zeros(extra, self.noise.shape[1])])
         # Empty rows start at slot 0: a row with no key at all would turn its attention into NaN.
-        self.starts = [self.starts[i] - lo + n_left - hist for i in keep] + [0] * extra
+        self.starts = [self.starts[i] + shift for i in keep] + [0] * extra
         self.rows = [self.rows[i] for i in keep] + [None] * extra
         self.cache = cache
         self._set_mask()
