@@ -118,9 +118,10 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, layout: DocLayout | None, cache: KVCache | None,
-                norm: nn.Module | None = None) -> Tensor:
+                norm: nn.Module | None = None, keep: Tensor | None = None) -> Tensor:
         """Attention of x, or of norm(x) when `norm` is given (as MLP.forward: LoRA projections run
-        the norm themselves and do not save its output)."""
+        the norm themselves and do not save its output). keep: flat token indices (n,) whose
+        output is wanted: o_proj runs on those only, (n, H) comes out (keys are cached for all)."""
         B, T, _ = x.shape
         if hasattr(self, "qkv_proj"):
             q_out, kv_out = self.n_heads * self.head_dim, self.n_kv * self.head_dim
@@ -135,7 +136,8 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         v = v.view(B, T, self.n_kv, self.head_dim)  # (B, T, n_kv, hd)
         y = attention.attend(q, k, v, window=self.window, layout=layout, cache=cache, layer=self.layer_idx)
-        return self.o_proj(y.reshape(B, T, self.n_heads * self.head_dim))
+        y = y.reshape(B, T, self.n_heads * self.head_dim)
+        return self.o_proj(y if keep is None else y.flatten(0, 1)[keep])
 
 
 class MLP(nn.Module):
@@ -168,9 +170,11 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, layout: DocLayout | None, cache: KVCache | None,
-                recompute_mlp: bool = False) -> Tensor:
-        """recompute_mlp: checkpoint the MLP only (attention keeps its activations, so it never runs twice)."""
-        x = _residual(x, self.self_attn(x, cos, sin, layout, cache, self.input_layernorm))  # each applies its norm
+                recompute_mlp: bool = False, keep: Tensor | None = None) -> Tensor:
+        """recompute_mlp: checkpoint the MLP only (attention keeps its activations, so it never runs twice).
+        keep: the flat indices of the tokens to go on past attention (Attention.forward): (n, H) out."""
+        a = self.self_attn(x, cos, sin, layout, cache, self.input_layernorm, keep=keep)  # each applies its norm
+        x = _residual(x if keep is None else x.flatten(0, 1)[keep], a)
         if recompute_mlp:  # (a compiled block takes no context_fn: the skip below is eager-only anyway)
             kw = {} if torch.compiler.is_compiling() else {"context_fn": _checkpoint_contexts}
             return x + checkpoint(self._mlp, x, use_reentrant=False, **kw)
@@ -256,7 +260,7 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: Tensor, *, position_ids: Tensor | None = None,
                 document_ids: Tensor | None = None, layout: DocLayout | None = None,
-                cache: KVCache | None = None, return_hidden: bool = False) -> Tensor:
+                cache: KVCache | None = None, return_hidden: bool = False, keep: Tensor | None = None) -> Tensor:
         """input_ids (B, T) -> logits (B, T, vocab), or final hidden states (B, T, H).
 
         position_ids: (B, T) rotary positions (default: past length + arange(T)).
@@ -267,6 +271,9 @@ class Transformer(nn.Module):
             layout; it is read on the host to build one (a host sync for a CUDA tensor).
         cache: a KVCache for generation; it is advanced by T. With a layout (an empty cache: a
             packed prefill) it keeps each token's keys at its column, (B, n_kv, T, hd).
+        keep: (n,) indices into the B * T tokens (row-major) whose outputs are wanted, e.g. each
+            prompt's last token in a prefill: the last block runs its o_proj and MLP on those only
+            (every token's keys are still cached), and (n, vocab) or (n, H) comes out.
         """
         B, T = input_ids.shape
         past = cache.pos if cache is not None else 0
@@ -290,16 +297,19 @@ class Transformer(nn.Module):
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         if self.compiled_blocks:
             _mark_dynamic(x, cos, sin, layout)
+        last = len(self.model.layers) - 1
         for i, block in enumerate(self.model.layers):
             ckpt = recompute and i % self.checkpoint_every == 0
+            kw = {"keep": keep} if keep is not None and i == last else {}
             if ckpt and self.checkpoint_part == "mlp":
-                x = block(x, cos, sin, layout, cache, recompute_mlp=True)
+                x = block(x, cos, sin, layout, cache, recompute_mlp=True, **kw)
             elif ckpt:
-                x = checkpoint(block, x, cos, sin, layout, cache, use_reentrant=False, context_fn=_checkpoint_contexts)
+                x = checkpoint(block, x, cos, sin, layout, cache, use_reentrant=False, context_fn=_checkpoint_contexts,
+                               **kw)
             elif cache is not None and self.compiled_blocks:  # generation: eager (the cache moves every step)
-                x = block._call_impl(x, cos, sin, layout, cache)  # the module call (hooks), not its compiled code
+                x = block._call_impl(x, cos, sin, layout, cache, **kw)  # the module call (hooks), not its compiled code
             else:
-                x = block(x, cos, sin, layout, cache)
+                x = block(x, cos, sin, layout, cache, **kw)
         if cache is not None:
             cache.pos += T
         x = self.model.norm(x)

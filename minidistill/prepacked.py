@@ -5,25 +5,27 @@ A decode step multiplies every weight by a few rows (one per sequence in the bat
 8-32 rows that packing costs about as much as the multiply. `PackedWeights`, active during the
 steps of one generate call, packs each fp32 weight once (`torch.ops.mkl._mkl_reorder_linear_weight`,
 the op that torch.compile's CPU freezing pass uses) and multiplies with `torch.ops.mkl._mkl_linear`.
-A packing serves one row count only (MKL packs for it; `_mkl_linear` itself falls back to the plain
-product for any other). Measured on the 2-core container, one thread, SmolLM2-135M shapes, weights
+A packing is for one row count (MKL packs for it; `_mkl_linear` itself falls back to the plain
+product for any other count, so fewer rows are padded to it, below). Measured on the 2-core container, one thread, SmolLM2-135M shapes, weights
 read from memory (not cache), per product: (32, 576) @ (576, 1536) 0.88 -> 0.58 ms, at 8 rows
 0.61 -> 0.37 ms; a batch-32 decode step 160-168 -> 134-143 ms, the same greedy tokens.
 
-Packing is not free: the whole SmolLM2-135M took 0.23-0.56 s, about 10-20 steps' gain. So the
-decoder says which row count to pack for (`rows`; 0: none), asking `worth` with the steps its batch
-may still decode (sampling._Group.steps_left): at least PACK_MIN_STEPS for a first packing. A product of fewer rows, down to a
-quarter of `rows` (and at least PAD_MIN_ROWS), is padded with zero rows to `rows`: unpacked, F.linear
-is erratic at those sizes. Measured, all SmolLM2-135M weights once, one thread, ms (F.linear at
-M rows; packed for P rows):
+Packing is not free: the whole SmolLM2-135M takes 0.23-0.56 s, 10-20 steps' gain. So the decoder
+says which row count to pack for (`rows`; 0: none), asking `worth` with the steps its batch may
+still decode (sampling._Group.steps_left). A product of fewer rows, down to a quarter of `rows` and
+at least PAD_MIN_ROWS, is padded with zero rows to `rows`, since unpacked F.linear is erratic at
+those sizes. Measured, all SmolLM2-135M weights once, one thread, ms (F.linear at M rows; packed
+for P rows):
 
     M or P:    4     8    12    16    24    32
     F.linear  69    93   119    94   105   114
     packed    47    58    62    67    77    90
 
-so one packing serves a batch that shrinks from 32 rows to 8 as its replies end, and a smaller one
-is made only where it repays itself (`worth`: packed, a row costs about 1.55 ms a step and a packing
-about 230 ms, so going from P rows to n pays after 150 / (P - n) steps).
+`worth`: a first packing (or one for more rows) for a batch that may decode PACK_MIN_STEPS more
+steps; then one packing serves the batch as its replies end, down to a quarter of its rows, and a
+smaller one is made once the batch has halved, if the steps left repay it (packed, a row costs about
+1.55 ms a step and a packing about 230 ms: from P rows to n pays after 150 / (P - n) steps). A
+packing per row count would not pay where stop ids shrink the batch at every rebuild.
 
 The rule, while active (`with packs:`, grad off, as quant.DecodedWeights):
 - only fp32 Parameters on the CPU (a decoded NF4 buffer changes under us; bf16 takes oneDNN's

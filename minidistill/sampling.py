@@ -170,11 +170,11 @@ def _prefill(model: Transformer, rows: list[_Row], s: _Settings,
         ids = torch.tensor([[t for q in seqs for t in q]], device=device)  # (1, n)
         pos = torch.tensor([[i for q in seqs for i in range(len(q))]], device=device)
         cache = model.new_cache(1, n)
-        hidden = model(ids, position_ids=pos, layout=doc_layout([lengths], n).to(device), cache=cache,
-                       return_hidden=True)[0]  # (n, H)
         starts = [sum(lengths[:j]) for j in range(len(rows))]
         where = [(0, a) for a in starts]
         last = torch.tensor([a + m - 1 for a, m in zip(starts, lengths)], device=device)
+        hidden = model(ids, position_ids=pos, layout=doc_layout([lengths], n).to(device), cache=cache,
+                       return_hidden=True, keep=last)  # (k, H)
     else:
         # From 16 up, a multiple of 16: SDPA's CPU flash kernel runs a ragged last block up to 2x slower
         # (16 rows of 94 tokens: 4.0 ms in bf16, of 96: 2.0 ms); pads after every row's tokens change nothing.
@@ -183,11 +183,10 @@ def _prefill(model: Transformer, rows: list[_Row], s: _Settings,
         ids = torch.tensor([q + [0] * (width - len(q)) for q in seqs], device=device)  # (k, width)
         pos = torch.tensor([list(range(len(q))) + [0] * (width - len(q)) for q in seqs], device=device)
         cache = model.new_cache(len(rows), width)
-        hidden = model(ids, position_ids=pos, cache=cache, return_hidden=True)  # (k, width, H)
         where = [(j, 0) for j in range(len(rows))]
         last = torch.tensor([j * width + m - 1 for j, m in enumerate(lengths)], device=device)
-        hidden = hidden.flatten(0, 1)  # (k * width, H)
-    logits = model.lm_head(hidden[last])  # (k, V): last positions only
+        hidden = model(ids, position_ids=pos, cache=cache, return_hidden=True, keep=last)  # (k, H)
+    logits = model.lm_head(hidden)  # (k, V): last positions only
     u = None if rows[0].noise is None else torch.stack([r.noise[len(r.out)] for r in rows]).to(device)
     toks = sample_next(logits, s.temperature, s.top_p, u).tolist()
     return cache, where, [_push(r, t, s) for r, t in zip(rows, toks)]
@@ -268,12 +267,20 @@ class _Group:
             self.rebuild(len(new), left, right, slack)
             free = [i for i, r in enumerate(self.rows) if r is None]
         idx, pos = free[:len(new)], self.cache.pos
+        moves: dict[int, tuple[KVCache, list[list[int]]]] = {}  # per prefill cache: its tokens' (to, from)
         for i, (row, pc, (j, a)) in zip(idx, new):
             n = _fed(row)
-            for layer in range(len(pc.k)):
-                self.cache.k[layer][i, :, pos - n:pos] = pc.k[layer][j, :, a:a + n]
-                self.cache.v[layer][i, :, pos - n:pos] = pc.v[layer][j, :, a:a + n]
+            rows_to, slots_to, rows_from, slots_from = moves.setdefault(id(pc), (pc, [[], [], [], []]))[1]
+            rows_to += [i] * n
+            slots_to += range(pos - n, pos)
+            rows_from += [j] * n
+            slots_from += range(a, a + n)
             self.rows[i], self.starts[i] = row, pos - n
+        for pc, lists in moves.values():  # one gather and one scatter a layer (not one copy a row)
+            rt, st, rf, sf = (torch.tensor(x, dtype=torch.long, device=self.device) for x in lists)
+            for layer in range(len(pc.k)):
+                self.cache.k[layer][rt, :, st] = pc.k[layer][rf, :, sf]  # (tokens, n_kv, hd)
+                self.cache.v[layer][rt, :, st] = pc.v[layer][rf, :, sf]
         at = torch.tensor(idx, dtype=torch.long, device=self.device)
         self.tokens[at] = torch.tensor([r.out[-1] for r, _, _ in new], device=self.device)
         self.positions[at] = torch.tensor([_fed(r) for r, _, _ in new], device=self.device)

@@ -98,6 +98,35 @@ def test_kv_cache_matches_full_forward(tmp_path, name):
     assert rel_err(torch.cat(steps, dim=1), full) <= 1e-5
 
 
+@pytest.mark.parametrize("name", ["llama3", "phi4-mini", "qwen3"])
+def test_keep_runs_the_last_block_past_attention_for_the_kept_tokens_only(tmp_path, name):
+    # A prefill wants each prompt's last token: keep gives those outputs (the same as slicing the full
+    # forward), and the cache still holds every token's keys (the next step equals a full forward).
+    write_checkpoint(tmp_path, name)
+    model = md.load_model(tmp_path, dtype=torch.float32)
+    x = ids(12, batch=3)
+    keep = torch.tensor([11, 12 + 4, 35, 0])  # row-major flat indices into (3, 12), in any order
+    with torch.no_grad():
+        full = model(x)  # (3, 12, V)
+        got = model(x, keep=keep)
+        assert got.shape == (4, full.shape[-1]) and rel_err(got, full.flatten(0, 1)[keep]) <= 1e-5
+        assert rel_err(model(x, keep=keep, return_hidden=True),
+                       model(x, return_hidden=True).flatten(0, 1)[keep]) <= 1e-5
+        cache = model.new_cache(3, 13)
+        model(x, cache=cache, keep=keep)
+        nxt = ids(1, batch=3, seed=5)
+        assert rel_err(model(nxt, cache=cache)[:, 0], model(torch.cat([x, nxt], 1))[:, -1]) <= 1e-5
+    seen = []  # the last block's o_proj and MLP saw 4 rows, the others all 36
+    hooks = [m.register_forward_hook(lambda m, a, o: seen.append(a[0].shape[:-1].numel()))
+             for m in (model.model.layers[0].mlp.down_proj, model.model.layers[-1].self_attn.o_proj,
+                       model.model.layers[-1].mlp.down_proj)]
+    with torch.no_grad():
+        model(x, keep=keep)
+    assert seen == [36, 4, 4]
+    for h in hooks:
+        h.remove()
+
+
 def test_hidden_path_and_packed_documents(tmp_path):
     write_checkpoint(tmp_path, "qwen2")
     model = md.load_model(tmp_path, dtype=torch.float32)
