@@ -180,8 +180,10 @@ def _cached(q: Tensor, k: Tensor, v: Tensor, cache: "KVCache", layer: int, windo
     key_mask = cache.key_mask
     one_query = T == 1 and q.device.type == "cpu" and q.dtype == torch.float32
     if one_query and window is None:  # one new token sees every slot its row may attend
-        drop = None if key_mask is None else cache.key_drop[:, None, None, :Tk]
-        return _one_query(q, k, v, drop, _row_blocks(cache.row_starts, Tk) if drop is not None else None).transpose(1, 2)
+        if key_mask is None:
+            return _one_query(q, k, v, None).transpose(1, 2)
+        blocks = _row_blocks(cache.row_starts, Tk)
+        return _one_query(q, k, v, cache.key_drop[:, None, None, :Tk], blocks).transpose(1, 2)
     mask, causal = None, False
     if window is None and past == 0 and key_mask is None:
         causal = True

@@ -6,9 +6,10 @@ A decode step multiplies every weight by a few rows (one per sequence in the bat
 steps of one generate call, packs each fp32 weight once (`torch.ops.mkl._mkl_reorder_linear_weight`,
 the op that torch.compile's CPU freezing pass uses) and multiplies with `torch.ops.mkl._mkl_linear`.
 A packing is for one row count (MKL packs for it; `_mkl_linear` itself falls back to the plain
-product for any other count, so fewer rows are padded to it, below). Measured on the 2-core container, one thread, SmolLM2-135M shapes, weights
-read from memory (not cache), per product: (32, 576) @ (576, 1536) 0.88 -> 0.58 ms, at 8 rows
-0.61 -> 0.37 ms; a batch-32 decode step 160-168 -> 134-143 ms, the same greedy tokens.
+product for any other count, so fewer rows are padded to it, below). Measured on the 2-core
+container, one thread, SmolLM2-135M shapes, weights read from memory (not cache), per product:
+(32, 576) @ (576, 1536) 0.88 -> 0.58 ms, at 8 rows 0.61 -> 0.37 ms; a batch-32 decode step
+160-168 -> 134-143 ms, the same greedy tokens.
 
 Packing is not free: the whole SmolLM2-135M takes 0.23-0.56 s, 10-20 steps' gain. So the decoder
 says which row count to pack for (`rows`; 0: none), asking `worth` with the steps its batch may

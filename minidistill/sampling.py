@@ -26,9 +26,8 @@ its tokens depend neither on the batch size nor on the other prompts:
 
 4-bit (NF4) models decode each layer once per call, keeping up to `decode_budget_mb` of decoded
 weights, the rest per step (quant.DecodedWeights has the rule and the default); on the CPU fp32
-weights are packed for MKL's sgemm, up to the same budget, for a batch that may decode long
-enough to repay the packing, and serve it while it shrinks to a quarter (prepacked.py; a batch-32
-decode step 1.15x faster); all is freed when the call ends.
+weights are packed for MKL's sgemm (same budget) for a batch that decodes long enough to repay it,
+serving it as it shrinks (prepacked.py; a batch-32 decode step 1.15x faster); all freed at the end.
 """
 from __future__ import annotations
 
@@ -219,15 +218,14 @@ class _Group:
         return self.s.max_new_tokens - len(row.out)  # inputs still to feed = cache slots still needed
 
     def steps_left(self, refilled: bool) -> int:
-        """At most how many more steps the batch decodes with this many rows: max_new_tokens when
-        finished rows are refilled (prompts are waiting), else its longest row's tokens left."""
+        """Most steps it may decode at this size: max_new_tokens if refilled (prompts wait), else its longest row's."""
         return self.s.max_new_tokens if refilled else max(self._remaining(r) for r in self.rows if r is not None)
 
     def rebuild(self, extra: int = 0, left: int = 0, right: int = 0, slack: int = 0) -> None:
         """The live rows (their live slots only), `extra` empty rows, at least `left` slots before
         the write position and `right` + slack after it, in new buffers; finished rows are dropped.
-        Only dropping rows (nothing asked for): the live rows move up within the same buffers."""
-        # Sorted by first slot: a decode step reads the cache in blocks of rows (attention._row_blocks).
+        Only dropping rows (nothing asked for): the live rows move up within the same buffers. Rows
+        are sorted by first slot: a decode step reads the cache in blocks of rows (attention._row_blocks)."""
         keep = sorted((i for i, r in enumerate(self.rows) if r is not None), key=lambda i: self.starts[i])
         old, pos = self.cache, self.cache.pos if self.cache is not None else 0
         lo = min((self.starts[i] for i in keep), default=pos)
@@ -247,9 +245,8 @@ class _Group:
             for layer in range(len(cache.k) if keep else 0):
                 cache.k[layer][:len(keep), :, n_left - hist:n_left] = old.k[layer][at, :, lo:pos]
                 cache.v[layer][:len(keep), :, n_left - hist:n_left] = old.v[layer][at, :, lo:pos]
-        pad = self._zeros(extra)
         self.tokens, self.positions, self.steps, self.alive = (
-            torch.cat([t[at], pad]) for t in (self.tokens, self.positions, self.steps, self.alive))
+            torch.cat([t[at], self._zeros(extra)]) for t in (self.tokens, self.positions, self.steps, self.alive))
         if self.noise is not None:
             self.noise = torch.cat([self.noise[at], self.noise.new_zeros(extra, self.noise.shape[1])])
         # Empty rows start at slot 0: a row with no key at all would turn its attention into NaN.
@@ -267,14 +264,12 @@ class _Group:
             self.rebuild(len(new), left, right, slack)
             free = [i for i, r in enumerate(self.rows) if r is None]
         idx, pos = free[:len(new)], self.cache.pos
-        moves: dict[int, tuple[KVCache, list[list[int]]]] = {}  # per prefill cache: its tokens' (to, from)
+        moves: dict[int, tuple[KVCache, list[list[int]]]] = {}  # per prefill cache: rows, slots to; from
         for i, (row, pc, (j, a)) in zip(idx, new):
             n = _fed(row)
-            rows_to, slots_to, rows_from, slots_from = moves.setdefault(id(pc), (pc, [[], [], [], []]))[1]
-            rows_to += [i] * n
-            slots_to += range(pos - n, pos)
-            rows_from += [j] * n
-            slots_from += range(a, a + n)
+            for to, part in zip(moves.setdefault(id(pc), (pc, [[], [], [], []]))[1],
+                                ([i] * n, range(pos - n, pos), [j] * n, range(a, a + n))):
+                to.extend(part)
             self.rows[i], self.starts[i] = row, pos - n
         for pc, lists in moves.values():  # one gather and one scatter a layer (not one copy a row)
             rt, st, rf, sf = (torch.tensor(x, dtype=torch.long, device=self.device) for x in lists)
