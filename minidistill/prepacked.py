@@ -58,8 +58,27 @@ def available() -> bool:
     return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
 
 
-class PackedWeights:
+class StepScoped:
+    """A weight cache of one generate call, active from `with` to its end on this thread, entered
+    under no_grad only (its products have no backward): PackedWeights, quant.DecodedWeights."""
+
+    _local: threading.local  # where each subclass keeps its active ones
+    _why = "its products have no backward"
+
+    def __enter__(self):
+        if torch.is_grad_enabled():
+            raise RuntimeError(f"{type(self).__name__} is for generation: enter it under torch.no_grad() ({self._why})")
+        self._local.__dict__.setdefault("active", []).append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._local.active.remove(self)
+
+
+class PackedWeights(StepScoped):
     """fp32 weights packed for MKL's sgemm during one generate call (the rule: module docstring)."""
+
+    _local = _state
 
     def __init__(self, budget_mb: float | None = None):
         from .quant import DECODE_BUDGET_MB
@@ -108,16 +127,6 @@ class PackedWeights:
         padded = x.new_zeros(P, x.shape[-1])
         padded[:rows] = x.reshape(rows, -1)
         return torch.ops.mkl._mkl_linear(padded, entry[3], weight, bias, P)[:rows].view(*x.shape[:-1], -1)
-
-    def __enter__(self) -> PackedWeights:
-        if torch.is_grad_enabled():
-            raise RuntimeError("PackedWeights is for generation: enter it under torch.no_grad() "
-                               "(its matmuls have no backward)")
-        _state.__dict__.setdefault("active", []).append(self)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        _state.active.remove(self)
 
     def close(self) -> None:
         self.kept, self.kept_bytes = {}, 0

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .prepacked import Linear
+from .prepacked import Linear, StepScoped
 
 # The 16 NF4 values (QLoRA appendix E), index = 4-bit code; identical to bnb's table.
 NF4_CODE = (
@@ -185,7 +185,7 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, state: NF4State,
 DECODE_BUDGET_MB = 2048.0  # the default: SmolLM2 / Qwen2-0.5B whole in fp32, ~1/4 of Phi-4-mini in bf16
 
 
-class DecodedWeights:
+class DecodedWeights(StepScoped):
     """Decoded NF4 weights kept for one generate call, so a 4-bit model does not decode every
     weight on every token. The rule, while active (`with cache:`), per (layer, dtype):
     - a layer is decoded on its first use in the call, as the forward reaches it (never the whole
@@ -197,6 +197,9 @@ class DecodedWeights:
     - `close()` frees it all (iter_generate closes it when the call ends or is abandoned).
     Entering needs grad off, and iter_generate leaves it before each yield: code run between two
     yields (a training step of on-policy distillation, its backward) decodes afresh."""
+
+    _local = _scratch
+    _why = "training decodes per matmul and keeps no 16-bit weights"
 
     def __init__(self, budget_mb: float | None = None):
         if budget_mb is not None and not budget_mb >= 0:
@@ -223,16 +226,6 @@ class DecodedWeights:
         self.kept[key] = (packed, dequantize_nf4(packed, state, dtype))  # packed kept: its data_ptr stays its own
         self.kept_bytes += nbytes
         return self.kept[key][1]
-
-    def __enter__(self) -> DecodedWeights:
-        if torch.is_grad_enabled():
-            raise RuntimeError("DecodedWeights is for generation: enter it under torch.no_grad() "
-                               "(training decodes per matmul and keeps no 16-bit weights)")
-        _scratch.__dict__.setdefault("active", []).append(self)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        _scratch.active.remove(self)
 
     def close(self) -> None:
         self.kept, self.step_bufs, self.kept_bytes = {}, {}, 0
