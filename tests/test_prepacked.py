@@ -98,11 +98,10 @@ def test_a_weight_changed_in_place_is_packed_again():
 
 def test_active_only_under_no_grad_and_only_inside_it():
     lin = prepacked.Linear(24, 16)
-    x = torch.randn(3, 24, requires_grad=True)
+    x = torch.randn(4, 24, requires_grad=True)
     with pytest.raises(RuntimeError, match="under torch.no_grad"):
         with PackedWeights():
             pass
-    x = torch.randn(4, 24, requires_grad=True)
     with torch.no_grad(), PackedWeights() as packs:
         packs.rows = 4
         lin(x)
