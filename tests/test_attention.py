@@ -363,4 +363,4 @@ def test_decode_step_attention_equals_sdpa(heads, dtype):
     got = A._one_query(q, poisoned_k, poisoned_v, ~masks[1], blocks)
     torch.testing.assert_close(got.float(), A._one_query(q, k, v, ~masks[1]).float(), rtol=tol, atol=tol)
     assert A._row_blocks(starts[:7], Tk) is None  # fewer than 2 rows a block: one block
-    assert A._row_blocks([0, 0, 0, 0, 0, 0, 0, 1], Tk) is None  # it would skip under an eighth of the reads
+    assert A._row_blocks([0, 0, 0, 0, 0, 0, 0, 1], Tk) is None  # it would skip under a quarter of the reads
