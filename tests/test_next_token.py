@@ -55,13 +55,15 @@ def test_the_screened_argmax_is_the_fp32_argmax():
 
 @torch.no_grad()
 def test_exact_ties_go_to_the_first_token_and_a_non_finite_row_falls_back():
-    w = torch.randn(200, 16)
-    w[150] = w[7] = w[190]  # three equal rows
-    x = w[7:8].clone() * 3  # its best logit is theirs
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(200, 16, generator=g)
+    w /= w.norm(dim=1, keepdim=True)
+    w[150] = w[7] = w[190] = 2 * w[190]  # three equal rows, twice as long as the others
+    x = w[7:8] * 3  # their logit 12, the others' at most 6
     s = _Screen(w, rows=1)
     assert s.argmax(x).tolist() == [7] == (x @ w.T).argmax(-1).tolist()
     for bad in (float("nan"), float("inf")):
-        y = torch.randn(3, 16)
+        y = torch.randn(3, 16, generator=g)
         y[1, 4] = bad
         assert s.argmax(y) is None  # the decoder then takes the fp32 head
 
@@ -70,6 +72,7 @@ def test_exact_ties_go_to_the_first_token_and_a_non_finite_row_falls_back():
 def test_a_head_changed_in_place_is_not_screened_until_rebuilt(monkeypatch):
     monkeypatch.setattr(next_token, "available", lambda: True)
     monkeypatch.setattr(next_token, "MIN_HEAD_MB", 0.0)
+    torch.manual_seed(0)
     model = md.Transformer(md.ModelConfig("llama", vocab_size=300, hidden_size=32, intermediate_size=64,
                                           num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
                                           head_dim=8)).eval()
