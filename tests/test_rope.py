@@ -148,3 +148,20 @@ def test_rope_scaling_dict_and_errors_at_load(tmp_path):
     write_checkpoint(tmp_path / "plain", "llama-plain")
     model = md.load_model(tmp_path / "plain", dtype=torch.float32, rope_scaling={"rope_type": "linear", "factor": 2.0})
     assert (model.config.rope_type, model.config.max_position_embeddings) == ("linear", 64)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4, 16), (1, 2100, 5, 64), (1, 2100, 5, 96)], ids=["small", "large", "partial"])
+def test_rotation_without_autograd_rounds_as_with_it(shape):
+    # No grad: small inputs sum into a product, large ones rotate each half alone; both must give the
+    # autograd formula's bits (greedy tokens equal to transformers' rest on it). "partial": 64 of 96 dims.
+    from minidistill.rope import apply_rotary
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g)
+    rd = 64 if shape[-1] == 96 else shape[-1]
+    cos, sin = torch.randn(*shape[:2], rd, generator=g), torch.randn(*shape[:2], rd, generator=g)
+    with torch.enable_grad():
+        want = apply_rotary(x.requires_grad_(), cos, sin).detach()
+    with torch.no_grad():
+        got = apply_rotary(x, cos, sin)
+    assert torch.equal(got, want)
