@@ -39,10 +39,14 @@ class RMSNorm(nn.Module):
 class KVCache:
     """Keys and values of past positions, for generation. Passed into the model's forward."""
 
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype: torch.dtype,
+                 zeroed: bool = True):
+        """zeroed=False: slots left uninitialised, for a forward that writes every one (a prefill);
+        slots a row may not attend must hold finite values (their zero weights multiply them)."""
         shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        new = torch.zeros if zeroed else torch.empty
+        self.k = [new(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.v = [new(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.max_len = max_len
         self.pos = 0  # positions already stored
         self.key_mask = None
@@ -331,9 +335,9 @@ class Transformer(nn.Module):
         self.compiled_blocks = True
         return self
 
-    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+    def new_cache(self, batch_size: int, max_len: int, zeroed: bool = True) -> KVCache:
         p = self.model.embed_tokens.weight
-        return KVCache(self.config, batch_size, max_len, p.device, p.dtype)
+        return KVCache(self.config, batch_size, max_len, p.device, p.dtype, zeroed)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         seen, n = set(), 0

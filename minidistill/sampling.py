@@ -152,7 +152,7 @@ def _prefill(model: Transformer, rows: list[_Row], s: _Settings,
         n = sum(lengths)
         ids = torch.tensor([[t for q in seqs for t in q]], device=device)  # (1, n)
         pos = torch.tensor([[i for q in seqs for i in range(len(q))]], device=device)
-        cache = model.new_cache(1, n)
+        cache = model.new_cache(1, n, zeroed=False)  # the prefill writes every slot
         starts = [sum(lengths[:j]) for j in range(len(rows))]
         where = [(0, a) for a in starts]
         last = torch.tensor([a + m - 1 for a, m in zip(starts, lengths)], device=device)
@@ -165,7 +165,7 @@ def _prefill(model: Transformer, rows: list[_Row], s: _Settings,
         width = width if width < 16 else -(-width // 16) * 16
         ids = torch.tensor([q + [0] * (width - len(q)) for q in seqs], device=device)  # (k, width)
         pos = torch.tensor([list(range(len(q))) + [0] * (width - len(q)) for q in seqs], device=device)
-        cache = model.new_cache(len(rows), width)
+        cache = model.new_cache(len(rows), width, zeroed=False)  # pads' keys too
         where = [(j, 0) for j in range(len(rows))]
         last = torch.tensor([j * width + m - 1 for j, m in enumerate(lengths)], device=device)
         hidden = model(ids, position_ids=pos, cache=cache, return_hidden=True, keep=last)  # (k, H)

@@ -140,10 +140,10 @@ def test_cache_is_never_read_outside_a_row(tmp_path, monkeypatch, packed):
     want = [recompute_greedy(model, p, 10) for p in prompts]
     real = model.new_cache
 
-    def poisoned(batch_size, max_len):  # every slot holds large garbage until written
-        cache = real(batch_size, max_len)
-        for t in cache.k + cache.v:
-            t.normal_(0, 1).add_(1e4)
+    def poisoned(batch_size, max_len, zeroed=True):  # every slot holds large garbage until written
+        cache = real(batch_size, max_len, zeroed)
+        for t in cache.k + cache.v:  # an uninitialised (prefill) cache may hold anything: NaN
+            t.normal_(0, 1).add_(1e4) if zeroed else t.fill_(float("nan"))
         return cache
 
     monkeypatch.setattr(model, "new_cache", poisoned)
