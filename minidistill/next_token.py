@@ -6,7 +6,7 @@ logit. For an fp32 model on a CPU with AMX, `GreedyScreen` finds it from a bf16 
 reads half the bytes and runs several times faster, and recomputes the few tokens that could still
 win in fp32. Measured on the 2-core container, one thread, SmolLM2-135M's head (49,152 x 576), 32
 rows, weights read from memory: fp32 (MKL packed) 18.5 ms, bf16 (oneDNN packed) 6.0 ms, the
-screen's own bookkeeping under 1 ms; the benchmark's batch-32 generate call 9.9-10.3 -> 9.4 s.
+screen's own bookkeeping about 1.5 ms; the benchmark's batch-32 generate call 9.9-10.2 -> 9.5 s.
 
 Why it is exact. Let u = 2^-8 (bf16's unit roundoff) and K = H. The screen's logit z'_i = x . w_i
 rounds x and w_i to bf16 (each product then within 2u + u^2 of the exact one), sums in fp32 (within
@@ -31,7 +31,8 @@ import math
 import torch
 from torch import Tensor
 
-from .prepacked import Linear
+from .prepacked import PACK_MIN_STEPS, Linear
+from .quant import DECODE_BUDGET_MB
 
 BLOCK = 64  # tokens per block of the candidate search
 MIN_HEAD_MB = 8.0  # a smaller fp32 head stays in the CPU's caches: a screen gains nothing there
@@ -115,19 +116,18 @@ class _Screen:
 class GreedyScreen:
     """The screen of one generate call (`for_model`): built once its batch may decode
     PACK_MIN_STEPS more steps (`prepare`: the packing rule's, prepacked.py; building it costs about
-    six batch-32 steps' gain), dropped when the head changes in place (an optimizer step between
-    two yields), freed by `close()`."""
+    seven batch-32 steps' gain: 70 ms), dropped when the head changes in place (an optimizer step
+    between two yields), freed by `close()`. A head with an inf or NaN is never screened."""
 
     def __init__(self, weight: Tensor):
         self.weight = weight
         self.built: _Screen | None = None
+        self.unusable_at: int | None = None  # the head's version when it was found not finite
 
     @classmethod
     def for_model(cls, model, temperature: float, budget_mb: float | None = None) -> "GreedyScreen | None":
-        """None unless greedy, on a CPU with AMX, with a plain fp32 head (no LoRA, bias or added
+        """None unless greedy, on a CPU with AMX, with a plain fp32 head (no bias, no added
         tokens) of MIN_HEAD_MB or more whose bf16 copy fits the budget (quant.DECODE_BUDGET_MB if None)."""
-        from .quant import DECODE_BUDGET_MB
-
         head = model.lm_head
         w = getattr(head, "weight", None)
         budget = (DECODE_BUDGET_MB if budget_mb is None else budget_mb) * 2**20
@@ -138,13 +138,14 @@ class GreedyScreen:
         return cls(w)
 
     def prepare(self, rows: int, steps: int) -> None:
-        from .prepacked import PACK_MIN_STEPS
-
         if self.built is not None and self.built.version != self.weight._version:
             self.built = None
-        if self.built is None and steps >= PACK_MIN_STEPS:
+        if self.built is None and steps >= PACK_MIN_STEPS and self.unusable_at != self.weight._version:
             screen = _Screen(self.weight, rows)
-            self.built = screen if math.isfinite(screen.norm_max) else None
+            if math.isfinite(screen.norm_max):
+                self.built = screen
+            else:
+                self.unusable_at = self.weight._version
 
     def argmax(self, x: Tensor) -> Tensor | None:
         """(B, H) -> (B,) greedy ids, or None: not built (or the head changed), or a bound not finite."""

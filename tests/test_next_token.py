@@ -91,6 +91,9 @@ def test_a_head_changed_in_place_is_not_screened_until_rebuilt(monkeypatch):
     assert torch.equal(screen.argmax(x), fp32_argmax(x, w))
     screen.close()
     assert screen.built is None
+    w[3, 0] = float("inf")  # a head that cannot be bounded: the fp32 head, and no rebuild at every step
+    screen.prepare(rows=4, steps=prepacked.PACK_MIN_STEPS)
+    assert screen.built is None and screen.unusable_at == w._version and screen.argmax(x) is None
 
 
 @pytest.mark.parametrize("name", ["llama3-tied", "phi4-mini"])
