@@ -6,7 +6,7 @@ logit. For an fp32 model on a CPU with AMX, `GreedyScreen` finds it from a bf16 
 reads half the bytes and runs several times faster, and recomputes the few tokens that could still
 win in fp32. Measured on the 2-core container, one thread, SmolLM2-135M's head (49,152 x 576), 32
 rows, weights read from memory: fp32 (MKL packed) 18.5 ms, bf16 (oneDNN packed) 6.0 ms, the
-screen's own bookkeeping about 1.5 ms; the benchmark's batch-32 generate call 9.9-10.2 -> 9.5 s.
+screen's own bookkeeping 1.3-2.2 ms; the benchmark's batch-32 generate call 9.9-10.2 -> 9.5 s.
 
 Why it is exact. Let u = 2^-8 (bf16's unit roundoff) and K = H. The screen's logit z'_i = x . w_i
 rounds x and w_i to bf16 (each product then within 2u + u^2 of the exact one), sums in fp32 (within

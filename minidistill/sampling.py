@@ -29,7 +29,7 @@ weights, the rest per step (quant.DecodedWeights has the rule and the default); 
 weights are packed for MKL's sgemm (same budget) for a batch that decodes long enough to repay it,
 serving it as it shrinks (prepacked.py; a batch-32 decode step 1.15x faster); greedy steps of an
 fp32 model on a CPU with AMX take their ids from a bf16 screen of the head, exactly the fp32
-argmax (next_token.py; the head 18.5 -> 7 ms a step at batch 32); all freed at the end.
+argmax (next_token.py; the head 18.5 -> about 7.5 ms a step at batch 32); all freed at the end.
 """
 from __future__ import annotations
 
@@ -41,8 +41,8 @@ import torch
 from torch import Tensor
 
 from .attention import choose_kernel, doc_layout
-from .next_token import GreedyScreen, sample_next
 from .model import KVCache, Transformer
+from .next_token import GreedyScreen, sample_next
 from .prepacked import PackedWeights
 from .progress import Progress
 from .quant import DecodedWeights
