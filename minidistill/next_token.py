@@ -26,6 +26,7 @@ than the screen saves.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -37,6 +38,7 @@ from .quant import DECODE_BUDGET_MB
 BLOCK = 64  # tokens per block of the candidate search
 MIN_HEAD_MB = 8.0  # a smaller fp32 head stays in the CPU's caches: a screen gains nothing there
 _U = 2.0 ** -8
+log = logging.getLogger(__name__)
 
 
 def sample_next(logits: Tensor, temperature: float = 0.0, top_p: float = 1.0, u: Tensor | None = None) -> Tensor:
@@ -141,8 +143,12 @@ class GreedyScreen:
         if self.built is not None and self.built.version != self.weight._version:
             self.built = None
         if self.built is None and steps >= PACK_MIN_STEPS and self.unusable_at != self.weight._version:
-            screen = _Screen(self.weight, rows)
-            if math.isfinite(screen.norm_max):
+            try:
+                screen = _Screen(self.weight, rows)
+            except RuntimeError as e:  # a oneDNN without this op or layout: the fp32 head, as before
+                log.warning("greedy screen off (%s): the fp32 head picks the tokens", e)
+                screen = None
+            if screen is not None and math.isfinite(screen.norm_max):
                 self.built = screen
             else:
                 self.unusable_at = self.weight._version

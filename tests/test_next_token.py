@@ -69,7 +69,7 @@ def test_exact_ties_go_to_the_first_token_and_a_non_finite_row_falls_back():
 
 
 @torch.no_grad()
-def test_a_head_changed_in_place_is_not_screened_until_rebuilt(monkeypatch):
+def test_a_head_changed_in_place_is_not_screened_until_rebuilt(monkeypatch, caplog):
     monkeypatch.setattr(next_token, "available", lambda: True)
     monkeypatch.setattr(next_token, "MIN_HEAD_MB", 0.0)
     torch.manual_seed(0)
@@ -94,6 +94,14 @@ def test_a_head_changed_in_place_is_not_screened_until_rebuilt(monkeypatch):
     w[3, 0] = float("inf")  # a head that cannot be bounded: the fp32 head, and no rebuild at every step
     screen.prepare(rows=4, steps=prepacked.PACK_MIN_STEPS)
     assert screen.built is None and screen.unusable_at == w._version and screen.argmax(x) is None
+    w[3, 0] = 0.0
+
+    def no_op(*a):
+        raise RuntimeError("no such op")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", no_op)  # a torch build without it
+    screen.prepare(rows=4, steps=prepacked.PACK_MIN_STEPS)
+    assert screen.built is None and screen.argmax(x) is None and "greedy screen off (no such op)" in caplog.text
 
 
 @pytest.mark.parametrize("name", ["llama3-tied", "phi4-mini"])
