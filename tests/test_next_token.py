@@ -54,6 +54,21 @@ def test_the_screened_argmax_is_the_fp32_argmax():
 
 
 @torch.no_grad()
+def test_rows_whose_logits_are_all_negative_or_all_zero():
+    # Block maxima are taken on the bf16 bits as int16, where negative values order backwards.
+    g = torch.Generator().manual_seed(4)
+    V, H = 3 * BLOCK + 5, 24
+    w = -torch.rand(V, H, generator=g) - 0.01  # every entry negative
+    x = torch.rand(6, H, generator=g) + 0.01  # so every logit of these rows is negative...
+    x[1] = -x[1]  # ...but this row's are all positive
+    x[2] = 0.0  # all zero: the first token
+    w[V - 2] *= 0.5  # the least negative logit of rows 0, 3-5 sits in the partial last block
+    got = _Screen(w, rows=6).argmax(x)
+    assert got is not None and torch.equal(got, fp32_argmax(x, w))
+    assert got[0] == V - 2 and got[2] == 0
+
+
+@torch.no_grad()
 def test_exact_ties_go_to_the_first_token_and_a_non_finite_row_falls_back():
     g = torch.Generator().manual_seed(2)
     w = torch.randn(200, 16, generator=g)
