@@ -386,10 +386,12 @@ def iter_generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_n
             if 4 * (len(g.rows) - g.live) >= len(g.rows):  # finished rows nobody took: leave the batch
                 g.rebuild()
         big = max(groups, key=lambda g: len(g.rows), default=None)  # one packing: for the largest group
-        if big is not None and packs.worth(len(big.rows), big.steps_left(bool(waiting))):
-            packs.rows = len(big.rows)
-        if s.screen is not None and big is not None:
-            s.screen.prepare(len(big.rows), big.steps_left(bool(waiting)))
+        if big is not None:
+            steps = big.steps_left(bool(waiting))
+            if packs.worth(len(big.rows), steps):
+                packs.rows = len(big.rows)
+            if s.screen is not None:
+                s.screen.prepare(len(big.rows), steps)
         for g in groups:
             ids = g.step()
             tick(tokens=g.live)
