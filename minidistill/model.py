@@ -245,7 +245,7 @@ class Transformer(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = Rotary(cfg)
         self.gradient_checkpointing = False  # recompute blocks in backward instead of keeping their activations
-        self.checkpoint_every = 1  # ... every block (1), or every k-th one: the others keep theirs
+        self.checkpoint_every = 1  # ... every block (1), or every k-th one: the others (and the last) keep theirs
         self.checkpoint_part = "block"  # what a checkpointed block recomputes: "block" (all) or "mlp"
         self.compiled_blocks = False  # set by compile_blocks
         self.tie_weights()
@@ -303,7 +303,9 @@ class Transformer(nn.Module):
             _mark_dynamic(x, cos, sin, layout)
         last = len(self.model.layers) - 1
         for i, block in enumerate(self.model.layers):
-            ckpt = recompute and i % self.checkpoint_every == 0
+            # The last block is never recomputed: backward would rebuild its activations first thing,
+            # so keeping them only adds them to what the loss holds (its chunk temporaries) meanwhile.
+            ckpt = recompute and i % self.checkpoint_every == 0 and i < last
             kw = {"keep": keep} if keep is not None and i == last else {}
             if ckpt and self.checkpoint_part == "mlp":
                 x = block(x, cos, sin, layout, cache, recompute_mlp=True, **kw)

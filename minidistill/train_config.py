@@ -64,7 +64,7 @@ class TrainConfig:
     rope_scaling: str | None = flag_field(None, "extend the context with RoPE scaling: linear:F, dynamic:F or yarn:F[:ORIGINAL_CONTEXT] (written into the merged config.json, noted in the adapter README)")
     dtype: str = flag_field("auto", "compute dtype (bf16 / fp16: base weights in it, autocast, LoRA weights fp32); auto = bf16 (fp16 if unsupported) on GPU, fp32 on CPU", choices=["auto", "bf16", "fp16", "fp32"])
     device: str = flag_field("auto", "cuda, cuda:N, cpu; auto = cuda when available")
-    grad_checkpointing: bool = flag_field(True, "recompute each block in backward to save memory")
+    grad_checkpointing: bool = flag_field(True, "recompute each block (but the last) in backward to save memory")
     checkpoint_every: int = flag_field(1, "with --grad-checkpointing: recompute every k-th block only (the others keep their activations: faster, more memory)")
     checkpoint_part: str = flag_field("block", "with --grad-checkpointing: what a checkpointed block recomputes: block (all of it) or mlp (its MLP only: attention keeps its activations and never runs twice, for long rows)", choices=["block", "mlp"])
     pad_to_multiple: int = flag_field(64, "round each batch's row length up to a multiple of this (fewer shapes, less allocator fragmentation)")

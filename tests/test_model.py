@@ -160,7 +160,8 @@ def test_gradient_checkpointing_same_gradients(tmp_path):
         grads.append(model.model.layers[0].mlp.down_proj.weight.grad.clone())
     assert all(torch.allclose(grads[0], g, atol=1e-6) for g in grads[1:])
     n = len(model.model.layers)
-    assert recomputed == [[], list(range(n)), list(range(0, n, 2))]  # which blocks ran again in backward
+    # which blocks ran again in backward: never the last one (backward would rebuild it first thing)
+    assert recomputed == [[], list(range(n - 1)), list(range(0, n - 1, 2))]
 
 
 # ---------------------------------------------------------------------------- packed rows
