@@ -10,8 +10,8 @@ the CUDA recipe on the CPU too (with AMX its matmuls are 5-10x fp32's, so the re
 weighs as it does on a GPU), the train command included (`--dtype bf16`, and the transformers loop
 under bf16 autocast).
 
-Input: `--samples` samples with lengths uniform in [seq/4, seq], batched by minidistill's own
-collator (`make_batches`, `--batch` rows per micro-batch), as padded rows (one sample per row,
+Input: `--samples` samples with lengths uniform in [seq/4, seq] (`--full-length`: all seq), batched
+by minidistill's own collator (`make_batches`, `--batch` rows per micro-batch), as padded rows (one sample per row,
 padding at the end) or packed rows (best-fit, positions restarting per sample). One step is all
 the micro-batches of those samples (gradients accumulated, loss normalised by the step's
 labelled tokens in both libraries), then AdamW. The learning rate is 0, so every step of every row
@@ -23,6 +23,8 @@ Rows, for each shape and for gradient checkpointing off and on (`--ckpt`):
   label_index).
 - ours-lora-ckpt-mlp (checkpointing on only; on CUDA only when asked for): ours-lora with
   `--checkpoint-part mlp`, each block's MLP recomputed, its attention kept (transformers has no such mode).
+- ours-qlora-offload (CUDA, only when asked for): ours-qlora with `--activation-offload` (what backward
+  keeps, in pinned host memory); gpu.sh runs it with `--full-length` for the QLoRA memory targets.
 - ours-lora-compiled (only when asked for: compiling takes minutes on a CPU): ours-lora with
   `Transformer.compile_blocks()` (inductor), what `train --compile` runs; compiled during the
   untimed steps (the saved-bytes figures are then those of the compiled graphs).
@@ -76,7 +78,9 @@ second of its fastest step after the first (the JSON also has the medians).
     python benchmarks/bench_train.py --smoke          # tiny shape on the CPU, seconds: proves it runs
     python benchmarks/bench_train.py --markdown out.md   # also write the tables as markdown
 
-Prints the tables, the targets of issue 13 with what was measured, then one line of JSON.
+Prints the tables, the targets of issue 13 with what was measured (the CPU's, or on CUDA the GPU's:
+tokens/s and peak vs transformers + peft, MFU, QLoRA vs LoRA, QLoRA's peak on --full-length rows),
+then one line of JSON.
 """
 
 from __future__ import annotations
@@ -137,7 +141,8 @@ SHAPES = {  # config.json fields of the real checkpoints (reference/checkpoints.
                  rms_norm_eps=1e-5, tie_word_embeddings=False),
 }
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
-IMPLS = ("ours-lora", "ours-lora-ckpt-mlp", "ours-qlora", "ours-lora-compiled", "hf-peft-lora", "hf-peft-qlora")
+IMPLS = ("ours-lora", "ours-lora-ckpt-mlp", "ours-qlora", "ours-qlora-offload", "ours-lora-compiled", "hf-peft-lora",
+         "hf-peft-qlora")
 SYNC_OPS = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique")
 
 
@@ -163,11 +168,11 @@ def shape_config(name: str) -> dict:
 
 # ------------------------------------------------------------------------------- input
 
-def make_samples(n: int, seq: int, vocab: int, seed: int) -> list[Sample]:
-    """n samples of random ids, lengths uniform in [seq/4, seq], every next token trained."""
+def make_samples(n: int, seq: int, vocab: int, seed: int, full: bool = False) -> list[Sample]:
+    """n samples of random ids, lengths uniform in [seq/4, seq] (full: all seq), every next token trained."""
     rng = np.random.default_rng(seed)
     out = []
-    for length in rng.integers(seq // 4, seq + 1, size=n):
+    for length in [seq] * n if full else rng.integers(seq // 4, seq + 1, size=n):
         ids = rng.integers(0, vocab, size=int(length)).astype(np.int64)
         out.append(Sample(ids, np.append(ids[1:], -100)))  # aligned labels, as samples.py makes them
     return out
@@ -272,14 +277,16 @@ def build_ours(name: str, shape: dict, sd: dict, device, dtype, amp, loss_chunk_
     model.load_state_dict(sd, assign=True)  # the shared tensors themselves, no copy
     model.tie_weights()
     model.requires_grad_(False)
-    if name == "ours-qlora":
+    if name.startswith("ours-qlora"):
         quantize_blocks_ours(model)
     torch.manual_seed(0)
     md.apply_lora(model, md.LoraConfig(r=16, alpha=16), verbose=False)
     model.train()
     if name == "ours-lora-compiled":
         model.compile_blocks()  # inductor; compiled during the first (untimed) measurement step
-    cfg = TrainConfig() if loss_chunk_mb is None else TrainConfig(loss_chunk_mb=loss_chunk_mb)
+    cfg = TrainConfig(activation_offload=name.endswith("-offload"))  # (offload: CUDA only, forward_loss)
+    if loss_chunk_mb is not None:
+        cfg.loss_chunk_mb = loss_chunk_mb
     run = SimpleNamespace(cfg=cfg, device=device, amp=amp, forward_model=model, model=model, kd=None)
 
     def loss(b, layout, num_items):
@@ -514,7 +521,7 @@ def measure_shape(name: str, args, device, dtype) -> list[dict]:
         notes["hf_packed"] = ("explicit (B, 1, T, T) block-diagonal mask: this transformers does not separate "
                               "packed samples from position_ids" if block_mask else
                               "position_ids only: this transformers masks packed samples apart (checked)")
-    samples = make_samples(args.samples, args.seq, shape["vocab_size"], seed=args.seq)
+    samples = make_samples(args.samples, args.seq, shape["vocab_size"], seed=args.seq, full=args.full_length)
     batches = {lay: micro_batches(samples, args.batch, args.seq, lay == "packed") for lay in args.layouts.split(",")}
     if device.type == "cuda":  # as the train command's stream does: pinned, for non-blocking copies
         batches = {lay: [b.pin() for b in bs] for lay, bs in batches.items()}
@@ -522,7 +529,7 @@ def measure_shape(name: str, args, device, dtype) -> list[dict]:
     sd = base_weights(shape, device, dtype)
     built: dict[str, Impl] = {}
     rows: list[Row] = []
-    base = dict(model=name, seq=args.seq, samples=args.samples, tokens=tokens)
+    base = dict(model=name, seq=args.seq, samples=args.samples, tokens=tokens, full_length=args.full_length)
     for impl in impls:
         info = dict(base, impl=impl)
         try:
@@ -530,6 +537,10 @@ def measure_shape(name: str, args, device, dtype) -> list[dict]:
                 raise ImportError(name="transformers/peft")
             if impl == "hf-peft-qlora" and importlib.util.find_spec("bitsandbytes") is None:
                 raise ImportError(name="bitsandbytes")
+            if impl.endswith("-offload") and device.type != "cuda":
+                rows += [Row(None, lay, ck, [], dict(info, layout=lay, ckpt=ck, status="skipped: activation offload "
+                                                     "is CUDA-only")) for lay in batches for ck in args.ckpt_modes]
+                continue
             builder = (lambda *a: build_ours(*a, loss_chunk_mb=args.loss_chunk_mb)) if impl.startswith("ours") else (
                 lambda *a: build_hf(*a, block_mask=block_mask))
             built[impl] = builder(impl, shape, sd, device, dtype, amp)
@@ -746,41 +757,73 @@ def cell(r: dict, key: str, fmt: str, width: int) -> str:
     return _f(v, fmt, width)
 
 
-def targets(rows: list[dict], train: list[dict]) -> list[dict]:
-    """Issue 13's CPU targets, each with the measured value that decides it."""
+# Issue 13's GPU memory targets: QLoRA's peak (GiB) at 2 rows of 2048 tokens (`--full-length`).
+QLORA_GIB = {"llama-3.1-8b": 6.5, "phi-4-mini": 4.5}
+
+
+def targets(rows: list[dict], train: list[dict], cuda: bool = False) -> list[dict]:
+    """Issue 13's targets, each with the measured value that decides it: the CPU's, or on CUDA the GPU's."""
     by = {(r["model"], r["seq"], r["impl"], r["layout"], r["ckpt"]): r for r in rows}
     out = []
+
+    def goal(target: str, where: str, value: float, met: bool) -> None:
+        out.append(dict(target=target, where=where, value=value, met=met))
     for (model, seq, impl, layout, ckpt), r in by.items():
+        tag = f"{model} seq {seq} {layout} ckpt {'on' if ckpt else 'off'}"
+        if cuda and impl.startswith("ours-qlora") and model in QLORA_GIB and r.get("peak_mib") and r.get("full_length"):
+            goal(f"{impl} peak GiB at {r['tokens'] // seq} x {seq} <= {QLORA_GIB[model]}", tag, r["peak_mib"] / 1024,
+                 r["peak_mib"] / 1024 <= QLORA_GIB[model])
         if impl != "ours-lora":
             continue
-        tag = f"{model} seq {seq} {layout} ckpt {'on' if ckpt else 'off'}"
-        goal = 0.6 if ckpt else 0.5
+        if cuda:
+            _gpu_targets(by, r, goal, tag)
+            continue
+        limit = 0.6 if ckpt else 0.5
         # With checkpointing on, a block keeps only its input in both libraries (per block: 1.0 by
         # construction), so that target is the whole model's figure.
         for k, what in () if ckpt else (("", ""), ("bf16_", " (bf16 autocast)")):
             if r.get(f"{k}saved_vs_hf") is not None:
                 v = r[f"{k}saved_vs_hf"]
-                out.append(dict(target=f"saved B/tok/block{what} ours / hf <= {goal}", where=tag, value=v,
-                                met=v <= goal))
+                goal(f"saved B/tok/block{what} ours / hf <= {limit}", tag, v, v <= limit)
         h = by.get((model, seq, "hf-peft-lora", layout, ckpt))
         if h and r.get("saved_b_per_tok_model") and h.get("saved_b_per_tok_model"):
             v = r["saved_b_per_tok_model"] / h["saved_b_per_tok_model"]
-            out.append(dict(target=f"saved B/tok whole model ours / hf <= {goal}", where=tag, value=v, met=v <= goal))
+            goal(f"saved B/tok whole model ours / hf <= {limit}", tag, v, v <= limit)
         for hf_layout in ("packed", "padded"):
             h = by.get((model, seq, "hf-peft-lora", hf_layout, ckpt))
             if layout == "packed" and h and r.get("tokens_per_s") and h.get("tokens_per_s"):
                 v = r["tokens_per_s"] / h["tokens_per_s"]
-                out.append(dict(target=f"tokens/s ours packed / hf {hf_layout} >= 1.3", where=tag, value=v,
-                                met=v >= 1.3))
+                goal(f"tokens/s ours packed / hf {hf_layout} >= 1.3", tag, v, v >= 1.3)
         q = by.get((model, seq, "ours-qlora", layout, ckpt))
         if q and q.get("step_s") and r.get("step_s"):
             v = q["step_s"] / r["step_s"]
-            out.append(dict(target="QLoRA step / LoRA step <= 2", where=tag, value=v, met=v <= 2.0))
+            goal("QLoRA step / LoRA step <= 2", tag, v, v <= 2.0)
     for t in train:
         if "vs_hf" in t:
-            out.append(dict(target="train command tokens/s / hf-peft loop >= 1.5", where=t["model"], value=t["vs_hf"],
-                            met=t["vs_hf"] >= 1.5))
+            goal("train command tokens/s / hf-peft loop >= 1.5", t["model"], t["vs_hf"], t["vs_hf"] >= 1.5)
     return out
+
+
+def _gpu_targets(by: dict, r: dict, goal, tag: str) -> None:
+    """The GPU targets of one ours-lora row: tokens/s >= 2x transformers + peft's at <= 0.5x its peak
+    (packed rows, against both of its layouts), MFU >= 40%, and our QLoRA >= 0.9x our LoRA tokens/s."""
+    key = (r["model"], r["seq"])
+    for hf_layout in ("packed", "padded"):
+        h = by.get((*key, "hf-peft-lora", hf_layout, r["ckpt"]))
+        if r["layout"] != "packed" or not h:
+            continue
+        if r.get("tokens_per_s") and h.get("tokens_per_s"):
+            v = r["tokens_per_s"] / h["tokens_per_s"]
+            goal(f"tokens/s ours packed / hf {hf_layout} >= 2", tag, v, v >= 2.0)
+        if r.get("peak_mib") and h.get("peak_mib"):
+            v = r["peak_mib"] / h["peak_mib"]
+            goal(f"peak memory ours packed / hf {hf_layout} <= 0.5", tag, v, v <= 0.5)
+    if r.get("mfu") is not None:
+        goal("MFU >= 40%", tag, r["mfu"], r["mfu"] >= 0.4)
+    q = by.get((*key, "ours-qlora", r["layout"], r["ckpt"]))
+    if q and q.get("tokens_per_s") and r.get("tokens_per_s"):
+        v = q["tokens_per_s"] / r["tokens_per_s"]
+        goal("QLoRA tokens/s / LoRA tokens/s >= 0.9", tag, v, v >= 0.9)
 
 
 def markdown_lines(rows: list[dict], train: list[dict], goals: list[dict], header: str) -> list[str]:
@@ -838,6 +881,8 @@ def main() -> None:
     p.add_argument("--seqs", default=None, help="comma list of row lengths (default 256 on the CPU, 2048,8192 on CUDA)")
     p.add_argument("--samples", type=int, default=None, help="samples per step (default 4 on the CPU, 2 on CUDA)")
     p.add_argument("--batch", type=int, default=2, help="rows per micro-batch")
+    p.add_argument("--full-length", action="store_true", help="every sample exactly seq tokens (the QLoRA memory "
+                   "targets' 2 x 2048 rows) instead of lengths uniform in [seq/4, seq]")
     p.add_argument("--steps", type=int, default=None,
                    help="timed steps per row (the fastest is reported; default 3 CPU, 5 CUDA)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps before them (besides the measured "
@@ -874,9 +919,10 @@ def main() -> None:
                         steps=1, warmup=0, train_cmd=False, train_model="tiny", train_seq=256, train_steps=2,
                         train_records=16, train_repeats=4)
     elif cuda:
-        # (ours-lora-ckpt-mlp only when asked for: the GPU script's time budget has no room for it)
+        # (ours-lora-ckpt-mlp and ours-qlora-offload only when asked for: the GPU script's time budget
+        # has no room for them in every row; it runs the offload row in its own part)
         defaults = dict(models="phi-4-mini,llama-3.1-8b", impls=",".join(i for i in IMPLS if i not in (
-                            "ours-lora-compiled", "ours-lora-ckpt-mlp")),
+                            "ours-lora-compiled", "ours-lora-ckpt-mlp", "ours-qlora-offload")),
                         ckpt="on", seqs="2048,8192",
                         samples=2, steps=5, warmup=0, train_cmd=False)
     else:
@@ -893,7 +939,7 @@ def main() -> None:
     rows = []
     dev = torch.cuda.get_device_name(device) if cuda else f"cpu, {torch.get_num_threads()} threads"
     header = (f"device: {dev}{' (smoke: timings mean nothing)' if args.smoke else ''}; torch {torch.__version__}; "
-              f"samples of lengths U[seq/4, seq] ({args.samples} a step unless the model says @TxS), {args.batch} "
+              f"samples of {'exactly seq tokens' if args.full_length else 'lengths U[seq/4, seq]'} ({args.samples} a step unless the model says @TxS), {args.batch} "
               f"rows/micro-batch; LoRA r16 x 7; best of {args.steps} step(s); "
               f"{str(dtype).removeprefix('torch.')}; hf attention {hf_attention()}")
     seqs = [int(x) for x in args.seqs.split(",")]
@@ -905,9 +951,9 @@ def main() -> None:
             rows += measure_shape(m, args, device, dtype)
             print(f"[bench_train] {m} seq {args.seq}: {time.perf_counter() - t:.0f}s", file=sys.stderr, flush=True)
             add_ratios(rows)
-            write_markdown(args.markdown, rows, [], targets(rows, []), header)  # a part, should a timeout cut the run
+            write_markdown(args.markdown, rows, [], targets(rows, [], cuda), header)  # a part, should a timeout cut the run
     train = train_command(args, dtype) if args.train_cmd else []
-    goals = targets(rows, train)
+    goals = targets(rows, train, cuda)
     report(rows, train, goals, header)
     write_markdown(args.markdown, rows, train, goals, header)
     print(json.dumps({"bench": "train", "device": dev, "torch": torch.__version__, "dtype": str(dtype),

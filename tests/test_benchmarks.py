@@ -59,9 +59,11 @@ def test_gpu_script_dry_run_lists_every_part(tmp_path):
     subprocess.run(["bash", "-n", str(script)], check=True)
     out = run(["bash", str(script), "--dry-run", "--wheels", str(tmp_path / "wheels"), "--out", str(tmp_path / "o")],
               tmp_path, timeout=30)
-    for part in ("setup", "pytest_gpu", "bench_nf4", "bench_attention", "bench_train_2048", "bench_train_8192"):
+    for part in ("setup", "pytest_gpu", "bench_nf4", "bench_attention", "bench_train_2048", "memory_plan",
+                 "bench_train_memory", "bench_train_8192"):
         assert f"[{part}, timeout " in out
     assert "-m gpu" in out and "--find-links" in out and "--seqs 8192" in out
+    assert "--full-length --impls ours-qlora,ours-qlora-offload" in out
     assert not (tmp_path / "o").exists()  # a dry run writes nothing
 
 
@@ -74,3 +76,65 @@ def test_cross_tokenizer_kd_quick_mode_trains_both_rows(tmp_path):
     assert set(by) == {"sft", "sft+xkd"} and by["sft"]["kd_coverage"] is None
     assert 0 < by["sft+xkd"]["kd_coverage"] <= 1  # the two tokenizers differ, yet positions align
     assert all(0 <= r["exact_match"] <= 1 for r in by.values())
+
+
+def _bench_module(name):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import importlib
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def test_memory_plan_counts_what_a_real_quantized_model_owns():
+    import torch
+
+    import minidistill as md
+    from minidistill.config import ModelConfig
+    from minidistill.model import Transformer
+
+    bt, mp = _bench_module("bench_train"), _bench_module("memory_plan")
+    shape = bt.shape_config("tiny")
+    for quantized in (True, False):
+        torch.manual_seed(0)
+        model = Transformer(ModelConfig.from_hf(dict(shape, hidden_act="silu"))).to(torch.bfloat16)
+        model.requires_grad_(False)
+        if quantized:
+            bt.quantize_blocks_ours(model)
+        md.apply_lora(model, md.LoraConfig(r=16, alpha=16), verbose=False)
+        # What the real tensors hold (the rotary tables and the NF4 map all layers share left out).
+        tensors = [*model.parameters(), *(b for n, b in model.named_buffers()
+                                          if not n.startswith("rotary.") and not n.endswith("nested_code"))]
+        held = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+        lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+        got = mp.plan(shape, quantized, rows=2, seq=128)
+        assert got["weights"] + 4 * lora == held  # the LoRA weights are fp32
+        assert got["lora_and_adam"] == 12 * lora
+        assert got["checkpoints"] == (shape["num_hidden_layers"] - 1) * 2 * 128 * shape["hidden_size"] * 2
+        assert got["bound"] == got["weights"] + got["lora_and_adam"] + got["checkpoints"] + got["loss_chunk"]
+
+
+def test_gpu_targets_are_judged_from_the_rows():
+    bt = _bench_module("bench_train")
+    base = dict(model="llama-3.1-8b", seq=2048, ckpt=True, full_length=False, tokens=4096)
+    rows = [dict(base, impl="ours-lora", layout="packed", tokens_per_s=2100.0, peak_mib=9000.0, mfu=0.45),
+            dict(base, impl="hf-peft-lora", layout="packed", tokens_per_s=1000.0, peak_mib=20000.0),
+            dict(base, impl="hf-peft-lora", layout="padded", tokens_per_s=1100.0, peak_mib=17000.0),
+            dict(base, impl="ours-qlora", layout="packed", tokens_per_s=1800.0, peak_mib=6000.0),
+            dict(base, impl="ours-qlora", layout="padded", tokens_per_s=1800.0, peak_mib=6000.0, full_length=True),
+            dict(base, impl="ours-qlora-offload", layout="padded", tokens_per_s=1500.0, peak_mib=7000.0,
+                 full_length=True)]
+    got = {(g["target"], g["where"].split()[3]): (round(g["value"], 3), g["met"]) for g in bt.targets(rows, [], cuda=True)}
+    assert got == {
+        ("tokens/s ours packed / hf packed >= 2", "packed"): (2.1, True),
+        ("peak memory ours packed / hf packed <= 0.5", "packed"): (0.45, True),
+        ("tokens/s ours packed / hf padded >= 2", "packed"): (round(2100 / 1100, 3), False),
+        ("peak memory ours packed / hf padded <= 0.5", "packed"): (round(9000 / 17000, 3), False),
+        ("MFU >= 40%", "packed"): (0.45, True),
+        ("QLoRA tokens/s / LoRA tokens/s >= 0.9", "packed"): (round(1800 / 2100, 3), False),
+        # only full-length rows decide the memory targets
+        ("ours-qlora peak GiB at 2 x 2048 <= 6.5", "padded"): (round(6000 / 1024, 3), True),
+        ("ours-qlora-offload peak GiB at 2 x 2048 <= 6.5", "padded"): (round(7000 / 1024, 3), False),
+    }
+    assert not any("saved" in g["target"] for g in bt.targets(rows, [], cuda=True))  # the CPU's targets: not on CUDA
