@@ -1,5 +1,6 @@
 """Logit parity of the loader + decoder against transformers, for every family and rope variant."""
 
+import contextlib
 import json
 
 import pytest
@@ -162,6 +163,46 @@ def test_gradient_checkpointing_same_gradients(tmp_path):
     n = len(model.model.layers)
     # which blocks ran again in backward: never the last one (backward would rebuild it first thing)
     assert recomputed == [[], list(range(n - 1)), list(range(0, n - 1, 2))]
+
+
+
+def test_an_outer_saved_tensor_hook_holds_everything_a_checkpointed_step_keeps(tmp_path):
+    # --activation-offload is torch's save_on_cpu around the forward: it frees device memory only if
+    # every tensor backward needs reaches its pack hook, the checkpointed block inputs included, and
+    # nothing else keeps them alive. A hook that packs a copy stands in for the host copy here.
+    import gc
+    import weakref
+
+    write_checkpoint(tmp_path, "llama3")
+    model = md.load_model(tmp_path, dtype=torch.float32).train()
+    md.apply_lora(model, md.LoraConfig(r=4, alpha=8), verbose=False)
+    for p in (p for n, p in model.named_parameters() if "lora_B" in n):
+        torch.nn.init.normal_(p, std=0.1)  # B = 0 would give A no gradient to compare
+    model.gradient_checkpointing = True
+    x = ids(12)
+    grads = []
+    for hooked in (False, True):
+        model.zero_grad(set_to_none=True)
+        inputs = []
+        pre = [b.register_forward_pre_hook(lambda m, a: inputs.append(weakref.ref(a[0])) if len(inputs) < len(
+            model.model.layers) else None) for b in model.model.layers]
+        packed = []
+
+        def pack(t):
+            packed.append(t.numel())
+            return t.clone()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if hooked else contextlib.nullcontext():
+            loss = model(x).logsumexp(-1).mean()
+        for h in pre:
+            h.remove()
+        gc.collect()
+        if hooked:
+            assert len(inputs) == len(model.model.layers)
+            assert all(r() is None for r in inputs), [r() is None for r in inputs]  # only the copies are left
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
 
 
 # ---------------------------------------------------------------------------- packed rows
