@@ -113,10 +113,16 @@ def test_merge_token_rows_writes_rows_and_restores_plain_modules(tmp_path):
     with torch.no_grad():
         want = model(x)
     rows = model.model.embed_tokens.new_rows.detach().clone()
+    head_rows = model.lm_head.new_rows.detach().clone()
     merge_token_rows(model)
     assert not has_token_rows(model) and type(model.model.embed_tokens) is torch.nn.Embedding
     assert type(model.lm_head) is prepacked.Linear  # the model's own class again
     new = [tok.token_to_id(t) for t in THINK]
     assert torch.equal(model.model.embed_tokens.weight[new], rows)
+    assert torch.equal(model.lm_head.weight[new], head_rows)
     with torch.no_grad():
-        assert torch.equal(model(x), want)
+        got = model(x)
+    # The same sums, but the new rows' logits now come out of the full head's matmul rather than a
+    # 2-row one: on some CPUs (AVX2 kernels) a column's bits then depend on the matmul's width.
+    assert torch.equal(got[..., :min(new)], want[..., :min(new)])
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)
