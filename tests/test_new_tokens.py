@@ -123,6 +123,6 @@ def test_merge_token_rows_writes_rows_and_restores_plain_modules(tmp_path):
     with torch.no_grad():
         got = model(x)
     # The same sums, but the new rows' logits now come out of the full head's matmul rather than a
-    # 2-row one: on some CPUs (AVX2 kernels) a column's bits then depend on the matmul's width.
+    # 2-row one: on some CPUs (an AMD EPYC here) a column's bits then depend on the matmul's width.
     assert torch.equal(got[..., :min(new)], want[..., :min(new)])
     assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)
