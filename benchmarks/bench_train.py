@@ -561,8 +561,9 @@ def measure_shape(name: str, args, device, dtype) -> list[dict]:
     for r in live:  # the untimed measurements, one row at a time
         try:
             measure_step(r, device)
-            blk, first = saved_per_block(r.impl, r.layout, r.ckpt, shape["vocab_size"], device)
-            r.out.update(saved_b_per_tok_block=blk, saved_b_per_tok_model=first + (cfg.num_hidden_layers - 1) * blk)
+            if not r.impl.name.endswith("-offload"):  # (its own saved-tensor hooks would hide them from ours)
+                blk, first = saved_per_block(r.impl, r.layout, r.ckpt, shape["vocab_size"], device)
+                r.out.update(saved_b_per_tok_block=blk, saved_b_per_tok_model=first + (cfg.num_hidden_layers - 1) * blk)
         except torch.OutOfMemoryError:
             r.out["status"] = "out of memory"
         gc.collect()
