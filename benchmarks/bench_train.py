@@ -24,7 +24,9 @@ Rows, for each shape and for gradient checkpointing off and on (`--ckpt`):
 - ours-lora-ckpt-mlp (checkpointing on only; on CUDA only when asked for): ours-lora with
   `--checkpoint-part mlp`, each block's MLP recomputed, its attention kept (transformers has no such mode).
 - ours-qlora-offload (CUDA, only when asked for): ours-qlora with `--activation-offload` (what backward
-  keeps, in pinned host memory); gpu.sh runs it with `--full-length` for the QLoRA memory targets.
+  keeps, in pinned host memory); ours-qlora-offload-hostemb also keeps the input embedding in host
+  memory (`--embedding-on-host`; untied models only). gpu.sh runs both with `--full-length` for the
+  QLoRA memory targets.
 - ours-lora-compiled (only when asked for: compiling takes minutes on a CPU): ours-lora with
   `Transformer.compile_blocks()` (inductor), what `train --compile` runs; compiled during the
   untimed steps (the saved-bytes figures are then those of the compiled graphs).
@@ -141,8 +143,8 @@ SHAPES = {  # config.json fields of the real checkpoints (reference/checkpoints.
                  rms_norm_eps=1e-5, tie_word_embeddings=False),
 }
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
-IMPLS = ("ours-lora", "ours-lora-ckpt-mlp", "ours-qlora", "ours-qlora-offload", "ours-lora-compiled", "hf-peft-lora",
-         "hf-peft-qlora")
+IMPLS = ("ours-lora", "ours-lora-ckpt-mlp", "ours-qlora", "ours-qlora-offload", "ours-qlora-offload-hostemb",
+         "ours-lora-compiled", "hf-peft-lora", "hf-peft-qlora")
 SYNC_OPS = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique")
 
 
@@ -284,7 +286,9 @@ def build_ours(name: str, shape: dict, sd: dict, device, dtype, amp, loss_chunk_
     model.train()
     if name == "ours-lora-compiled":
         model.compile_blocks()  # inductor; compiled during the first (untimed) measurement step
-    cfg = TrainConfig(activation_offload=name.endswith("-offload"))  # (offload: CUDA only, forward_loss)
+    if name.endswith("-hostemb"):
+        model.embedding_on_host()
+    cfg = TrainConfig(activation_offload="-offload" in name)  # (offload: CUDA only, forward_loss)
     if loss_chunk_mb is not None:
         cfg.loss_chunk_mb = loss_chunk_mb
     run = SimpleNamespace(cfg=cfg, device=device, amp=amp, forward_model=model, model=model, kd=None)
@@ -537,9 +541,12 @@ def measure_shape(name: str, args, device, dtype) -> list[dict]:
                 raise ImportError(name="transformers/peft")
             if impl == "hf-peft-qlora" and importlib.util.find_spec("bitsandbytes") is None:
                 raise ImportError(name="bitsandbytes")
-            if impl.endswith("-offload") and device.type != "cuda":
-                rows += [Row(None, lay, ck, [], dict(info, layout=lay, ckpt=ck, status="skipped: activation offload "
-                                                     "is CUDA-only")) for lay in batches for ck in args.ckpt_modes]
+            skip = ("activation offload is CUDA-only" if "-offload" in impl and device.type != "cuda" else
+                    "a tied embedding stays on the device" if impl.endswith("-hostemb") and shape.get(
+                        "tie_word_embeddings") else None)
+            if skip:
+                rows += [Row(None, lay, ck, [], dict(info, layout=lay, ckpt=ck, status=f"skipped: {skip}"))
+                         for lay in batches for ck in args.ckpt_modes]
                 continue
             builder = (lambda *a: build_ours(*a, loss_chunk_mb=args.loss_chunk_mb)) if impl.startswith("ours") else (
                 lambda *a: build_hf(*a, block_mask=block_mask))
@@ -561,7 +568,7 @@ def measure_shape(name: str, args, device, dtype) -> list[dict]:
     for r in live:  # the untimed measurements, one row at a time
         try:
             measure_step(r, device)
-            if not r.impl.name.endswith("-offload"):  # (its own saved-tensor hooks would hide them from ours)
+            if "-offload" not in r.impl.name:  # (its own saved-tensor hooks would hide them from ours)
                 blk, first = saved_per_block(r.impl, r.layout, r.ckpt, shape["vocab_size"], device)
                 r.out.update(saved_b_per_tok_block=blk, saved_b_per_tok_model=first + (cfg.num_hidden_layers - 1) * blk)
         except torch.OutOfMemoryError:
@@ -923,7 +930,8 @@ def main() -> None:
         # (ours-lora-ckpt-mlp and ours-qlora-offload only when asked for: the GPU script's time budget
         # has no room for them in every row; it runs the offload row in its own part)
         defaults = dict(models="phi-4-mini,llama-3.1-8b", impls=",".join(i for i in IMPLS if i not in (
-                            "ours-lora-compiled", "ours-lora-ckpt-mlp", "ours-qlora-offload")),
+                            "ours-lora-compiled", "ours-lora-ckpt-mlp", "ours-qlora-offload",
+                            "ours-qlora-offload-hostemb")),
                         ckpt="on", seqs="2048,8192",
                         samples=2, steps=5, warmup=0, train_cmd=False)
     else:

@@ -2,8 +2,9 @@
 # The GPU run of issue 13, unattended, on one H100 / H200, in under 9 minutes: pytest -m gpu,
 # bench_nf4.py, bench_attention.py and bench_train.py (ours LoRA / QLoRA vs transformers + peft,
 # padded and packed, Phi-4-mini and Llama-3.1-8B shapes, seq 2048 and 8192; then our QLoRA's peak
-# at 2 full rows of 2048, with and without --activation-offload, beside memory_plan.py's lower
-# bound), each part under its own timeout, then one markdown summary (summary.md) beside the logs.
+# at 2 full rows of 2048, plain, with --activation-offload, and with --embedding-on-host too, beside
+# memory_plan.py's lower bound), each part under its own timeout, then one markdown summary
+# (summary.md) beside the logs.
 #
 #   benchmarks/gpu.sh [--wheels DIR] [--out DIR] [--dry-run | --smoke]
 #
@@ -24,7 +25,7 @@
 #
 # Time budget (seconds, each a hard timeout; parts that finish early leave the rest unused):
 # setup 30, pytest 60, bench_nf4 40, bench_attention (seq 8192) 80, bench_train seq 2048 90,
-# memory_plan 20, QLoRA memory 50, bench_train seq 8192 150: 520 s at most. bench_train rewrites
+# memory_plan 20, QLoRA memory 60, bench_train seq 8192 140: 520 s at most. bench_train rewrites
 # its markdown after each model, so a part cut by its timeout still reports the models it finished.
 # Every figure comes from the parts' own output; a part that times out or fails is marked so in
 # the summary with its log's tail, and the parts after it still run.
@@ -41,7 +42,7 @@ while [ $# -gt 0 ]; do
         --out) DEST="$2"; shift 2 ;;
         --dry-run) DRY=1; shift ;;
         --smoke) SMOKE=1; shift ;;
-        -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
         *) echo "gpu.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -109,14 +110,14 @@ if [ "$SMOKE" = 1 ]; then
     ATTN_ARGS=(--cpu --seqs 512 --steps 1 --warmup 0 --impls ours,hf)
     TRAIN_ARGS=(--smoke --impls ours-lora,hf-peft-lora --ckpt on --no-bf16-saved)
     TRAIN_2048=(--seqs 64) TRAIN_8192=(--seqs 128)
-    MEMORY_ARGS=(--smoke --impls ours-qlora,ours-qlora-offload --layouts packed --full-length)
+    MEMORY_ARGS=(--smoke --impls ours-qlora,ours-qlora-offload,ours-qlora-offload-hostemb --layouts packed --full-length)
 else
     NF4_ARGS=(--iters 20)
     ATTN_ARGS=(--seqs 8192 --steps 2 --warmup 1)
     TRAIN_ARGS=(--models phi-4-mini,llama-3.1-8b --steps 3 --warmup 0)
     TRAIN_2048=(--seqs 2048) TRAIN_8192=(--seqs 8192)
     # The QLoRA memory targets (Llama-3.1-8B <= 6.5 GiB, Phi-4-mini <= 4.5 GiB at 2 x 2048): full rows.
-    MEMORY_ARGS=(--models llama-3.1-8b,phi-4-mini --seqs 2048 --full-length --impls ours-qlora,ours-qlora-offload
+    MEMORY_ARGS=(--models llama-3.1-8b,phi-4-mini --seqs 2048 --full-length --impls ours-qlora,ours-qlora-offload,ours-qlora-offload-hostemb
                  --layouts packed --steps 1)
 fi
 
@@ -130,8 +131,8 @@ part bench_attention 80 "$PY" benchmarks/bench_attention.py "${ATTN_ARGS[@]}"
 part bench_train_2048 90 "$PY" benchmarks/bench_train.py "${TRAIN_ARGS[@]}" "${TRAIN_2048[@]}" \
     --markdown "$TMPD/train_2048.md"
 part memory_plan 20 "$PY" benchmarks/memory_plan.py
-part bench_train_memory 50 "$PY" benchmarks/bench_train.py "${MEMORY_ARGS[@]}" --markdown "$TMPD/train_memory.md"
-part bench_train_8192 150 "$PY" benchmarks/bench_train.py "${TRAIN_ARGS[@]}" "${TRAIN_8192[@]}" \
+part bench_train_memory 60 "$PY" benchmarks/bench_train.py "${MEMORY_ARGS[@]}" --markdown "$TMPD/train_memory.md"
+part bench_train_8192 140 "$PY" benchmarks/bench_train.py "${TRAIN_ARGS[@]}" "${TRAIN_8192[@]}" \
     --markdown "$TMPD/train_8192.md"
 
 [ "$DRY" = 1 ] && exit 0

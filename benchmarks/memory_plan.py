@@ -16,7 +16,8 @@ without one, what no step can go below, counting only what must be allocated whe
 
 Left out (so the true peak is higher): the last block's activations, the final hidden states, the
 gradients, cuBLAS / Triton workspaces, allocator rounding. With `--activation-offload` the
-checkpointed inputs live in host memory: the bound drops them.
+checkpointed inputs live in host memory: the bound drops them; `--embedding-on-host` (untied models)
+also drops the input embedding.
 
     python benchmarks/memory_plan.py                       # the two targets' models, 2 x 2048
     python benchmarks/memory_plan.py --models llama-3.1-8b --rows 1 --seq 16384
@@ -74,12 +75,15 @@ def plan(shape: dict, quantized: bool, rows: int, seq: int, chunk_mb: float = DE
             base += nf4_bytes(p.numel())
         else:
             base += p.numel() * p.element_size()
+    emb = model.model.embed_tokens.weight
+    host = 0 if model.lm_head.weight is emb else emb.numel() * emb.element_size()  # what --embedding-on-host moves
     tokens = rows * seq
     ckpt = (cfg.num_hidden_layers - 1) * tokens * cfg.hidden_size * 2
     chunk = min(tokens, chunk_rows(cfg.vocab_size, cfg.hidden_size, torch.bfloat16, buffers=1, budget_mb=chunk_mb))
     loss = chunk * cfg.vocab_size * (4 + 2)
     return dict(weights=base, lora_and_adam=lora * 4 * 3, checkpoints=ckpt, loss_chunk=loss,
-                bound=base + lora * 12 + ckpt + loss, bound_offload=base + lora * 12 + loss)
+                bound=base + lora * 12 + ckpt + loss, bound_offload=base + lora * 12 + loss,
+                bound_offload_host=None if not host else base - host + lora * 12 + loss)
 
 
 def main() -> None:
@@ -93,7 +97,7 @@ def main() -> None:
     print(f"lower bound of a step's GPU memory at {args.rows} x {args.seq} tokens, GiB (bf16, LoRA r16 x 7, "
           f"gradient checkpointing)")
     print(f"{'model':14s} {'base':5s} {'weights':>8s} {'lora+adam':>9s} {'ckpt in':>8s} {'loss':>6s} {'bound':>6s} "
-          f"{'offload':>7s} {'target':>6s}")
+          f"{'offload':>7s} {'+ host emb':>10s} {'target':>6s}")
     for name in args.models.split(","):
         for quantized in (True, False):
             r = plan(shape_config(name), quantized, args.rows, args.seq, args.loss_chunk_mb)
@@ -102,8 +106,9 @@ def main() -> None:
             out.append(r)
             g = {k: r[k] / GIB for k in ("weights", "lora_and_adam", "checkpoints", "loss_chunk", "bound",
                                          "bound_offload")}
+            host = "tied" if r["bound_offload_host"] is None else f"{r['bound_offload_host'] / GIB:.2f}"
             print(f"{name:14s} {r['base']:5s} {g['weights']:8.2f} {g['lora_and_adam']:9.2f} {g['checkpoints']:8.2f} "
-                  f"{g['loss_chunk']:6.2f} {g['bound']:6.2f} {g['bound_offload']:7.2f} "
+                  f"{g['loss_chunk']:6.2f} {g['bound']:6.2f} {g['bound_offload']:7.2f} {host:>10s} "
                   f"{'-' if target is None else target:>6}")
     print(json.dumps({"bench": "memory_plan", "rows": out}))
 

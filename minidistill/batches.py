@@ -36,10 +36,12 @@ class Batch:
     layout: DocLayout  # where the samples lie (packed or padded rows): the model's attention metadata
     label_index: Tensor  # (num_tokens,) int64 flat indices into B*T of the labelled positions
 
-    def model_inputs(self, device: torch.device | str) -> dict:
+    def model_inputs(self, device: torch.device | str, host_ids: bool = False) -> dict:
         """The keyword arguments of `Transformer.forward` for this batch, on `device` (copies are
-        non_blocking when the batch is pinned, see `pin`)."""
-        return dict(input_ids=_to(self.input_ids, device), position_ids=_to(self.position_ids, device),
+        non_blocking when the batch is pinned, see `pin`); host_ids: input_ids stay on the host
+        (for a model whose embedding is there, `Transformer.embedding_on_host`)."""
+        return dict(input_ids=self.input_ids if host_ids else _to(self.input_ids, device),
+                    position_ids=_to(self.position_ids, device),
                     layout=self.layout.to(device, non_blocking=self.input_ids.is_pinned()))
 
     def pin(self) -> "Batch":

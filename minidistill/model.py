@@ -248,12 +248,46 @@ class Transformer(nn.Module):
         self.checkpoint_every = 1  # ... every block (1), or every k-th one: the others (and the last) keep theirs
         self.checkpoint_part = "block"  # what a checkpointed block recomputes: "block" (all) or "mlp"
         self.compiled_blocks = False  # set by compile_blocks
+        self.host_embedding = False  # set by embedding_on_host
         self.tie_weights()
 
     def tie_weights(self) -> None:
         """Share the head with the embedding when the checkpoint says so (call after loading)."""
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def device(self) -> torch.device:
+        """Where the blocks and the head compute (the input embedding may be in host memory)."""
+        return self.model.norm.weight.device
+
+    def embedding_on_host(self) -> "Transformer":
+        """Keep the input embedding in host memory: each batch's rows are looked up there and copied
+        to the device (a pinned, non-blocking copy of tokens x hidden values), which frees vocab x
+        hidden weights of device memory (1 GB for Llama-3.1-8B in bf16). For a frozen, untied
+        embedding only: a tied head computes on the device, trainable rows would train on the host.
+        Pass input_ids on the host (`Batch.model_inputs(device, host_ids=True)`); ids on the device
+        are read back first, which waits for the device."""
+        emb = self.model.embed_tokens
+        if self.lm_head.weight is emb.weight:
+            raise ValueError("the embedding is tied to the output head, which computes on the device: it cannot "
+                             "stay in host memory (only untied models, e.g. Llama-3.1-8B, can)")
+        if type(emb) is not nn.Embedding or emb.weight.requires_grad:
+            raise ValueError("the embedding has trainable rows (add_tokens, or an unfrozen table): only a frozen "
+                             "embedding can stay in host memory")
+        self.model.embed_tokens = emb.to("cpu")
+        self.host_embedding = True
+        return self
+
+    def _embed(self, input_ids: Tensor) -> Tensor:
+        """embed_tokens(input_ids) on the compute device; see embedding_on_host."""
+        emb, device = self.model.embed_tokens, self.device
+        if not self.host_embedding or device.type == "cpu":
+            return emb(input_ids)
+        ids = input_ids.to(emb.weight.device).reshape(-1)  # already there when passed on the host
+        out = torch.empty((ids.numel(), emb.embedding_dim), dtype=emb.weight.dtype, pin_memory=True)
+        torch.index_select(emb.weight, 0, ids, out=out)
+        return out.view(*input_ids.shape, -1).to(device, non_blocking=True)
 
     @property
     def head_weight(self) -> Tensor:
@@ -294,9 +328,9 @@ class Transformer(nn.Module):
             seq_len = layout.doc_len  # (B, T) per document
         elif position_ids is not None:
             seq_len = position_ids.amax(-1, keepdim=True) + 1  # (B, 1): each row one sequence
+        x = self._embed(input_ids)  # (B, T, H)
         if position_ids is None:
-            position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
-        x = self.model.embed_tokens(input_ids)  # (B, T, H)
+            position_ids = torch.arange(past, past + T, device=x.device).expand(B, T)
         cos, sin = self.rotary(position_ids, x.dtype, seq_len)
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         if self.compiled_blocks:
@@ -339,7 +373,7 @@ class Transformer(nn.Module):
 
     def new_cache(self, batch_size: int, max_len: int, zeroed: bool = True) -> KVCache:
         p = self.model.embed_tokens.weight
-        return KVCache(self.config, batch_size, max_len, p.device, p.dtype, zeroed)
+        return KVCache(self.config, batch_size, max_len, self.device, p.dtype, zeroed)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         seen, n = set(), 0

@@ -145,7 +145,7 @@ def _prefill(model: Transformer, rows: list[_Row], s: _Settings,
     Packed: one cache row, row j's keys in the slots of its tokens. Padded: row j's keys in cache
     row j from slot 0, right padding (a pad comes after its row's tokens, so causal attention keeps
     it out of them). Either way a row's largest position is its own (LongRoPE's rule)."""
-    device = model.model.embed_tokens.weight.device
+    device = model.device
     seqs = [r.prompt + r.out for r in rows]
     lengths = [len(q) for q in seqs]
     if packed:
@@ -180,7 +180,7 @@ class _Group:
 
     def __init__(self, model: Transformer, s: _Settings, long: bool):
         self.model, self.s, self.long = model, s, long
-        self.device = model.model.embed_tokens.weight.device
+        self.device = model.device
         self.rows: list[_Row | None] = []
         self.starts: list[int] = []
         self.cache: KVCache | None = None

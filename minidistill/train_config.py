@@ -69,6 +69,7 @@ class TrainConfig:
     checkpoint_part: str = flag_field("block", "with --grad-checkpointing: what a checkpointed block recomputes: block (all of it) or mlp (its MLP only: attention keeps its activations and never runs twice, for long rows)", choices=["block", "mlp"])
     pad_to_multiple: int = flag_field(64, "round each batch's row length up to a multiple of this (fewer shapes, less allocator fragmentation)")
     activation_offload: bool = flag_field(False, "CUDA: keep the activations saved for backward (the block inputs, with --grad-checkpointing) in pinned host memory")
+    embedding_on_host: bool = flag_field(False, "CUDA: keep the frozen input embedding of an untied model in host memory and copy each batch's rows over (frees vocab x hidden weights: 1 GB for Llama-3.1-8B)")
     compile: bool = flag_field(False, "torch.compile each block (inductor); the first steps pay the compilation (minutes on a CPU)")
     loss_chunk_mb: float = flag_field(256.0, "memory for the loss's chunk x vocab logits; the chunk rows follow from it and the vocabulary")
     fsdp: bool = flag_field(False, "under torchrun: shard the blocks across processes (FSDP2) instead of replicating (DDP)")
@@ -120,6 +121,10 @@ def check_config(cfg: TrainConfig) -> list[str]:
         out.append("--teacher-cache was made from the whole --data: hold out with --eval-data, not --eval-split")
     if cfg.fsdp and (cfg.quantize or cfg.merge):
         out.append("--fsdp works with 16-bit LoRA: drop --quantize/--merge (merge afterwards with md.merge_lora)")
+    if cfg.fsdp and cfg.embedding_on_host:
+        out.append("--embedding-on-host keeps a whole embedding on each process's host, which --fsdp shards: drop one")
+    if cfg.embedding_on_host and cfg.add_tokens:
+        out.append("--embedding-on-host needs a frozen embedding; --add-tokens trains rows of it: drop one")
     if cfg.min_lr > cfg.lr:
         out.append(f"--min-lr {cfg.min_lr} is above --lr {cfg.lr}")
     if cfg.resume and cfg.overwrite:

@@ -138,10 +138,21 @@ def setup(cfg: TrainConfig) -> Run:
         shard_blocks(model, dtype, device)  # replaces the block parameters: the optimizer comes after
     if cfg.compile:
         model.compile_blocks()  # after sharding: FSDP2's hooks stay outside the compiled graphs
+    host_embedding = cfg.embedding_on_host and device.type == "cuda"
+    if host_embedding:
+        try:
+            model.embedding_on_host()
+        except ValueError as e:
+            raise ValueError(f"--embedding-on-host: {e}") from None
+        log(f"input embedding in host memory ({model.model.embed_tokens.weight.nbytes / 2**30:.2f} GiB off the GPU)")
     forward_model = model
     if world > 1 and not cfg.fsdp:
+        if host_embedding:  # frozen, on the host: out of DDP's checks and broadcasts
+            torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                model, ["model.embed_tokens.weight"])
+        # device_ids would move every input to the GPU, the host input_ids too
         forward_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" and not host_embedding else None)
     kd = make_kd(cfg, tok, data, device, dtype, log) if onp is None else None
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -191,7 +202,8 @@ def forward_loss(run: Run, batch, num_items, *, distill: bool = True):
     offload = (torch.autograd.graph.save_on_cpu(pin_memory=True)
                if cfg.activation_offload and device.type == "cuda" and torch.is_grad_enabled() else nullcontext())
     with run.amp, offload:
-        hidden = run.forward_model(**batch.model_inputs(device), return_hidden=True)
+        hidden = run.forward_model(**batch.model_inputs(device, host_ids=run.model.host_embedding),
+                                   return_hidden=True)
         head = run.model.head_weight
         labels = batch.labels.to(device, non_blocking=True)
         positions = batch.label_index.to(device, non_blocking=True)  # the collator's: no nonzero here

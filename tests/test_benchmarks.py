@@ -63,7 +63,7 @@ def test_gpu_script_dry_run_lists_every_part(tmp_path):
                  "bench_train_memory", "bench_train_8192"):
         assert f"[{part}, timeout " in out
     assert "-m gpu" in out and "--find-links" in out and "--seqs 8192" in out
-    assert "--full-length --impls ours-qlora,ours-qlora-offload" in out
+    assert "--full-length --impls ours-qlora,ours-qlora-offload,ours-qlora-offload-hostemb" in out
     assert not (tmp_path / "o").exists()  # a dry run writes nothing
 
 
@@ -113,6 +113,8 @@ def test_memory_plan_counts_what_a_real_quantized_model_owns():
         assert got["lora_and_adam"] == 12 * lora
         assert got["checkpoints"] == (shape["num_hidden_layers"] - 1) * 2 * 128 * shape["hidden_size"] * 2
         assert got["bound"] == got["weights"] + got["lora_and_adam"] + got["checkpoints"] + got["loss_chunk"]
+        emb = model.model.embed_tokens.weight  # untied here: --embedding-on-host moves it off the GPU
+        assert got["bound_offload_host"] == got["bound"] - got["checkpoints"] - emb.numel() * emb.element_size()
 
 
 def test_gpu_targets_are_judged_from_the_rows():

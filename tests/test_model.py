@@ -205,6 +205,81 @@ def test_an_outer_saved_tensor_hook_holds_everything_a_checkpointed_step_keeps(t
     assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
 
 
+
+def _count_host_syncs(fn):
+    """fn()'s result and how many ops it ran that make the host wait for the device."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func).startswith(("aten._local_scalar_dense", "aten.nonzero", "aten.item")):
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+    with Count():
+        out = fn()
+    return out, Count.n
+
+
+def test_embedding_on_host_refuses_a_tied_or_trainable_embedding(tmp_path):
+    write_checkpoint(tmp_path / "tied", "llama3-tied")
+    with pytest.raises(ValueError, match="tied to the output head"):
+        md.load_model(tmp_path / "tied", dtype=torch.float32).embedding_on_host()
+    write_checkpoint(tmp_path / "untied", "llama3")
+    model = md.load_model(tmp_path / "untied", dtype=torch.float32)
+    model.model.embed_tokens.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="trainable rows"):
+        model.embedding_on_host()
+    model.model.embed_tokens.weight.requires_grad_(False)
+    from minidistill.sampling import generate_ids
+
+    x = ids(9)
+    with torch.no_grad():
+        want, want_ids = model(x), generate_ids(model, [5, 9, 3, 7], max_new_tokens=6)
+        assert model.embedding_on_host() is model and model.host_embedding
+        assert model.model.embed_tokens.weight.device.type == "cpu" and model.device.type == "cpu"
+        # on the CPU the lookup is the embedding's own
+        assert torch.equal(model(x), want) and generate_ids(model, [5, 9, 3, 7], max_new_tokens=6) == want_ids
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_embedding_on_host_gives_the_same_step_on_cuda_and_no_more_host_syncs(tmp_path):
+    from minidistill.batches import make_batches
+    from minidistill.samples import DataSummary, Sample, SFTData
+    from minidistill.sampling import generate_ids
+
+    write_checkpoint(tmp_path, "llama3")
+    rows = []
+    for host in (False, True):
+        torch.manual_seed(0)
+        model = md.load_model(tmp_path, dtype=torch.bfloat16, device="cuda").train()
+        md.apply_lora(model, md.LoraConfig(r=4, alpha=8), verbose=False)
+        for p in (p for n, p in model.named_parameters() if "lora_B" in n):
+            torch.nn.init.normal_(p, std=0.1)
+        if host:
+            model.embedding_on_host()
+            assert model.model.embed_tokens.weight.device.type == "cpu" and model.device.type == "cuda"
+        samples = [Sample(ids(n, batch=1, seed=n)[0].numpy(), ids(n, batch=1, seed=n)[0].numpy()) for n in (7, 12, 5)]
+        b = make_batches(SFTData(samples, DataSummary()), 2, 16)[0].pin()
+        torch.cuda.synchronize()
+
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                h = model(**b.model_inputs("cuda", host_ids=host), return_hidden=True)
+            h.float().square().mean().backward()
+            return h
+        h, syncs = _count_host_syncs(step)
+        rows.append(syncs)  # the same with the embedding on the host: its ids never come back from the GPU
+        rows.append((h.detach().float().cpu(), {n: p.grad.float().cpu() for n, p in model.named_parameters()
+                                                if p.grad is not None}))
+        rows.append(generate_ids(model.eval(), [5, 9, 3, 7], max_new_tokens=6))  # its cache on the blocks' device
+    syncs, (h, grads), gen, syncs_host, (h_host, grads_host), gen_host = rows
+    assert syncs_host == syncs and torch.equal(h, h_host) and gen == gen_host
+    assert grads.keys() == grads_host.keys() and all(torch.equal(grads[n], grads_host[n]) for n in grads)
+
+
 # ---------------------------------------------------------------------------- packed rows
 
 def packed(rows, T, seed=7):

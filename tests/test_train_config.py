@@ -87,6 +87,10 @@ def test_defaults_and_the_demo_pass():
       "--warmup-steps must be >= 0, got -1", "--save-every must be >= 0, got -1"]),
     (base(eval_every=-1, eval_data="e"), ["--eval-every must be >= 0, got -1"]),
     (base(loss_chunk_mb=0.0), ["--loss-chunk-mb must be > 0, got 0.0"]),
+    (base(embedding_on_host=True, fsdp=True),
+     ["--embedding-on-host keeps a whole embedding on each process's host, which --fsdp shards: drop one"]),
+    (base(embedding_on_host=True, add_tokens=("<think>",)),
+     ["--embedding-on-host needs a frozen embedding; --add-tokens trains rows of it: drop one"]),
     (base(distill=DistillConfig(kd_temperature=0.0)), ["--kd-temperature must be > 0, got 0.0"]),
 ])
 def test_check_config_names_each_problem(cfg, problems):
