@@ -11,8 +11,8 @@ weighs as it does on a GPU), the train command included (`--dtype bf16`, and the
 under bf16 autocast).
 
 Input: `--samples` samples with lengths uniform in [seq/4, seq] (`--full-length`: all seq), batched
-by minidistill's own collator (`make_batches`, `--batch` rows per micro-batch), as padded rows (one sample per row,
-padding at the end) or packed rows (best-fit, positions restarting per sample). One step is all
+by minidistill's own collator (`make_batches`, `--batch` rows per micro-batch), as padded rows (one
+sample per row, padding at the end) or packed rows (best-fit, positions restarting per sample). One step is all
 the micro-batches of those samples (gradients accumulated, loss normalised by the step's
 labelled tokens in both libraries), then AdamW. The learning rate is 0, so every step of every row
 sees the same weights and the losses stay comparable; AdamW still does all its arithmetic.
@@ -927,8 +927,8 @@ def main() -> None:
                         steps=1, warmup=0, train_cmd=False, train_model="tiny", train_seq=256, train_steps=2,
                         train_records=16, train_repeats=4)
     elif cuda:
-        # (ours-lora-ckpt-mlp and ours-qlora-offload only when asked for: the GPU script's time budget
-        # has no room for them in every row; it runs the offload row in its own part)
+        # (ours-lora-ckpt-mlp and the offload rows only when asked for: the GPU script's time budget
+        # has no room for them in every row; it runs the offload rows in a part of their own)
         defaults = dict(models="phi-4-mini,llama-3.1-8b", impls=",".join(i for i in IMPLS if i not in (
                             "ours-lora-compiled", "ours-lora-ckpt-mlp", "ours-qlora-offload",
                             "ours-qlora-offload-hostemb")),
@@ -948,7 +948,8 @@ def main() -> None:
     rows = []
     dev = torch.cuda.get_device_name(device) if cuda else f"cpu, {torch.get_num_threads()} threads"
     header = (f"device: {dev}{' (smoke: timings mean nothing)' if args.smoke else ''}; torch {torch.__version__}; "
-              f"samples of {'exactly seq tokens' if args.full_length else 'lengths U[seq/4, seq]'} ({args.samples} a step unless the model says @TxS), {args.batch} "
+              f"samples of {'exactly seq tokens' if args.full_length else 'lengths U[seq/4, seq]'} "
+              f"({args.samples} a step unless the model says @TxS), {args.batch} "
               f"rows/micro-batch; LoRA r16 x 7; best of {args.steps} step(s); "
               f"{str(dtype).removeprefix('torch.')}; hf attention {hf_attention()}")
     seqs = [int(x) for x in args.seqs.split(",")]
