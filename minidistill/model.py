@@ -248,7 +248,6 @@ class Transformer(nn.Module):
         self.checkpoint_every = 1  # ... every block (1), or every k-th one: the others (and the last) keep theirs
         self.checkpoint_part = "block"  # what a checkpointed block recomputes: "block" (all) or "mlp"
         self.compiled_blocks = False  # set by compile_blocks
-        self.host_embedding = False  # set by embedding_on_host
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -260,6 +259,11 @@ class Transformer(nn.Module):
     def device(self) -> torch.device:
         """Where the blocks and the head compute (the input embedding may be in host memory)."""
         return self.model.norm.weight.device
+
+    @property
+    def host_embedding(self) -> bool:
+        """Whether the input embedding is in host memory while the blocks are not (embedding_on_host)."""
+        return self.model.embed_tokens.weight.device.type == "cpu" and self.device.type != "cpu"
 
     def embedding_on_host(self) -> "Transformer":
         """Keep the input embedding in host memory: each batch's rows are looked up there and copied
@@ -276,18 +280,17 @@ class Transformer(nn.Module):
             raise ValueError("the embedding has trainable rows (add_tokens, or an unfrozen table): only a frozen "
                              "embedding can stay in host memory")
         self.model.embed_tokens = emb.to("cpu")
-        self.host_embedding = True
         return self
 
     def _embed(self, input_ids: Tensor) -> Tensor:
         """embed_tokens(input_ids) on the compute device; see embedding_on_host."""
-        emb, device = self.model.embed_tokens, self.device
-        if not self.host_embedding or device.type == "cpu":
+        emb = self.model.embed_tokens
+        if not self.host_embedding:
             return emb(input_ids)
         ids = input_ids.to(emb.weight.device).reshape(-1)  # already there when passed on the host
         out = torch.empty((ids.numel(), emb.embedding_dim), dtype=emb.weight.dtype, pin_memory=True)
         torch.index_select(emb.weight, 0, ids, out=out)
-        return out.view(*input_ids.shape, -1).to(device, non_blocking=True)
+        return out.view(*input_ids.shape, -1).to(self.device, non_blocking=True)
 
     @property
     def head_weight(self) -> Tensor:

@@ -237,7 +237,7 @@ def test_embedding_on_host_refuses_a_tied_or_trainable_embedding(tmp_path):
     x = ids(9)
     with torch.no_grad():
         want, want_ids = model(x), generate_ids(model, [5, 9, 3, 7], max_new_tokens=6)
-        assert model.embedding_on_host() is model and model.host_embedding
+        assert model.embedding_on_host() is model and not model.host_embedding  # all of it is on the host here
         assert model.model.embed_tokens.weight.device.type == "cpu" and model.device.type == "cpu"
         # on the CPU the lookup is the embedding's own
         assert torch.equal(model(x), want) and generate_ids(model, [5, 9, 3, 7], max_new_tokens=6) == want_ids
@@ -261,6 +261,7 @@ def test_embedding_on_host_gives_the_same_step_on_cuda_and_no_more_host_syncs(tm
         if host:
             model.embedding_on_host()
             assert model.model.embed_tokens.weight.device.type == "cpu" and model.device.type == "cuda"
+            assert model.host_embedding
         samples = [Sample(ids(n, batch=1, seed=n)[0].numpy(), ids(n, batch=1, seed=n)[0].numpy()) for n in (7, 12, 5)]
         b = make_batches(SFTData(samples, DataSummary()), 2, 16)[0].pin()
         torch.cuda.synchronize()
