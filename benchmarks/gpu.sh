@@ -47,6 +47,7 @@ while [ $# -gt 0 ]; do
     esac
 done
 PY="${PYTHON:-python3}"
+case "$PY" in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac  # the pytest part runs from /tmp
 if [ "$DRY" = 1 ]; then TMPD=/tmp/gpu_bench.DRYRUN; else TMPD="$(mktemp -d /tmp/gpu_bench.XXXXXX)"; fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export MINIDISTILL_CACHE="$TMPD/cache"
