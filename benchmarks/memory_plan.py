@@ -36,17 +36,18 @@ import minidistill as md
 from bench_train import QLORA_GIB, shape_config  # benchmarks/ is sys.path[0]
 from minidistill.chunked import DEFAULT_CHUNK_BUDGET_MB, chunk_rows
 from minidistill.config import ModelConfig
+from minidistill.loss import _CE_BUFFERS
 from minidistill.model import Transformer
+from minidistill.quant import _NESTED_BLOCKSIZE
 
 GIB = 2**30
-NESTED = 256  # absmax codes per fp32 scale (quant._NESTED_BLOCKSIZE)
 
 
 def nf4_bytes(numel: int, blocksize: int = 64) -> int:
     """What quant.NF4Linear stores for a weight of numel elements: packed nibbles, uint8 absmax
     codes, fp32 nested scales, its 16-value code and offset (the shared 256-value map: not counted)."""
     blocks = -(-numel // blocksize)
-    return (numel + 1) // 2 + blocks + 4 * -(-blocks // NESTED) + 4 * 16 + 4
+    return (numel + 1) // 2 + blocks + 4 * -(-blocks // _NESTED_BLOCKSIZE) + 4 * 16 + 4
 
 
 def meta_model(shape: dict, r: int = 16) -> Transformer:
@@ -64,11 +65,7 @@ def plan(shape: dict, quantized: bool, rows: int, seq: int, chunk_mb: float = DE
     model = meta_model(shape)
     cfg = model.config
     base = lora = 0
-    seen = set()
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in seen:
-            continue  # a tied head
-        seen.add(id(p))
+    for name, p in model.named_parameters():  # a tied head once
         if "lora_" in name:
             lora += p.numel()
         elif quantized and name.startswith("model.layers.") and name.endswith("_proj.weight"):
@@ -79,7 +76,8 @@ def plan(shape: dict, quantized: bool, rows: int, seq: int, chunk_mb: float = DE
     host = 0 if model.lm_head.weight is emb else emb.numel() * emb.element_size()  # what --embedding-on-host moves
     tokens = rows * seq
     ckpt = (cfg.num_hidden_layers - 1) * tokens * cfg.hidden_size * 2
-    chunk = min(tokens, chunk_rows(cfg.vocab_size, cfg.hidden_size, torch.bfloat16, buffers=1, budget_mb=chunk_mb))
+    chunk = min(tokens, chunk_rows(cfg.vocab_size, cfg.hidden_size, torch.bfloat16, buffers=_CE_BUFFERS,
+                                   budget_mb=chunk_mb))
     loss = chunk * cfg.vocab_size * (4 + 2)
     return dict(weights=base, lora_and_adam=lora * 4 * 3, checkpoints=ckpt, loss_chunk=loss,
                 bound=base + lora * 12 + ckpt + loss, bound_offload=base + lora * 12 + loss,

@@ -186,12 +186,7 @@ def test_an_outer_saved_tensor_hook_holds_everything_a_checkpointed_step_keeps(t
         inputs = []
         pre = [b.register_forward_pre_hook(lambda m, a: inputs.append(weakref.ref(a[0])) if len(inputs) < len(
             model.model.layers) else None) for b in model.model.layers]
-        packed = []
-
-        def pack(t):
-            packed.append(t.numel())
-            return t.clone()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if hooked else contextlib.nullcontext():
+        with torch.autograd.graph.saved_tensors_hooks(torch.clone, lambda t: t) if hooked else contextlib.nullcontext():
             loss = model(x).logsumexp(-1).mean()
         for h in pre:
             h.remove()
@@ -204,22 +199,6 @@ def test_an_outer_saved_tensor_hook_holds_everything_a_checkpointed_step_keeps(t
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
     assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
 
-
-
-def _count_host_syncs(fn):
-    """fn()'s result and how many ops it ran that make the host wait for the device."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if str(func).startswith(("aten._local_scalar_dense", "aten.nonzero", "aten.item")):
-                Count.n += 1
-            return func(*args, **(kwargs or {}))
-    with Count():
-        out = fn()
-    return out, Count.n
 
 
 def test_embedding_on_host_refuses_a_tied_or_trainable_embedding(tmp_path):
@@ -249,6 +228,7 @@ def test_embedding_on_host_gives_the_same_step_on_cuda_and_no_more_host_syncs(tm
     from minidistill.batches import make_batches
     from minidistill.samples import DataSummary, Sample, SFTData
     from minidistill.sampling import generate_ids
+    from test_trainer import CountSyncs
 
     write_checkpoint(tmp_path, "llama3")
     rows = []
@@ -271,8 +251,9 @@ def test_embedding_on_host_gives_the_same_step_on_cuda_and_no_more_host_syncs(tm
                 h = model(**b.model_inputs("cuda", host_ids=host), return_hidden=True)
             h.float().square().mean().backward()
             return h
-        h, syncs = _count_host_syncs(step)
-        rows.append(syncs)  # the same with the embedding on the host: its ids never come back from the GPU
+        with CountSyncs() as mode:
+            h = step()
+        rows.append(mode.seen)  # the same with the embedding on the host: its ids never come back from the GPU
         rows.append((h.detach().float().cpu(), {n: p.grad.float().cpu() for n, p in model.named_parameters()
                                                 if p.grad is not None}))
         rows.append(generate_ids(model.eval(), [5, 9, 3, 7], max_new_tokens=6))  # its cache on the blocks' device
