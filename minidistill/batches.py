@@ -78,14 +78,24 @@ class EpochBatches(Sequence):
             return [self[j] for j in range(*i.indices(len(self)))]
         return _collate(self.samples, self.plan[i], self.seq_len, self.pad_id, self.weighted, self.multiple)
 
+    def fill(self) -> float:
+        """The share of the epoch's row slots (B x T of each batch) that hold sample tokens; the rest
+        is padding, which the matmuls run over all the same. From the plan, without collating."""
+        tokens = slots = 0
+        for rows in self.plan:
+            used = [sum(len(self.samples[i].ids) for i in row) for row in rows]
+            tokens += sum(used)
+            slots += max(1, len(rows)) * _row_len(used, self.multiple)
+        return tokens / slots if slots else 1.0
+
 
 def make_batches(data: SFTData, batch_size: int, seq_len: int, *, packing: bool = True, shuffle: bool = True,
                  seed: int = 0, epoch: int = 0, rank: int = 0, world_size: int = 1, pad_id: int = 0,
                  pad_to_multiple: int = 1) -> EpochBatches:
     """Batches of one epoch for one rank, deterministic for (seed, epoch).
 
-    packing: samples best-fit into rows of seq_len (each sample whole), with document_ids
-    and positions restarting per sample. Otherwise: padded rows, length-grouped (sorted
+    packing: samples best-fit, longest first, into rows of seq_len (each sample whole; the rows
+    then shuffled), with document_ids and positions restarting per sample. Otherwise: padded rows, length-grouped (sorted
     within buckets of 64 batches, then the batches shuffled). All ranks cut the same global
     order: rank r takes batches r, r+W, ...; the last round is filled with empty batches
     (no labelled token) so every rank gets the same number. pad_to_multiple: row length rounded
@@ -125,8 +135,13 @@ def make_batches(data: SFTData, batch_size: int, seq_len: int, *, packing: bool 
 
 
 def _pack(order: np.ndarray, lengths: np.ndarray, seq_len: int) -> list[list[int]]:
-    """Best-fit: each sample goes to the open row with the least room that still fits it.
-    Rows are found through the sorted distinct free amounts (at most seq_len of them)."""
+    """Best-fit decreasing: longest sample first (ties in `order`, the epoch's shuffle), each
+    into the open row with the least room that still fits it. Taken in the shuffled order
+    instead, each long sample that comes late opens a row of its own after the short ones have
+    filled the others (bench_train.py's 64 train-command traces of 60-380 tokens in rows of 512:
+    88-91% of the row tokens filled that way, 94-95% this way). Rows are found through the
+    sorted distinct free amounts (at most seq_len of them)."""
+    order = order[np.argsort(-lengths[order], kind="stable")]
     rows: list[list[int]] = []
     free: dict[int, list[int]] = {}  # free room -> rows with exactly that room
     keys: list[int] = []  # sorted keys of `free`
@@ -152,6 +167,12 @@ def _pack(order: np.ndarray, lengths: np.ndarray, seq_len: int) -> list[list[int
     return rows
 
 
+def _row_len(used: list[int], multiple: int) -> int:
+    """A batch's row length: its longest row (packed rows are at most seq_len) rounded up to the
+    multiple, no all-padding tail beyond that; used: the tokens of each row."""
+    return -(-max(1, max(used, default=0)) // multiple) * multiple
+
+
 def _collate(samples: list[Sample], rows: list[list[int]], seq_len: int | None, pad_id: int,
              weighted: bool, multiple: int = 1) -> Batch:
     packed = seq_len is not None
@@ -159,9 +180,7 @@ def _collate(samples: list[Sample], rows: list[list[int]], seq_len: int | None, 
     if not rows:  # an empty batch that keeps ranks in step: one padding row, nothing to learn
         rows = [[]]
     lengths = [[len(samples[i].ids) for i in row] for row in rows]
-    # Rows are as long as the longest one (packed rows are at most seq_len), rounded up to the
-    # multiple: no all-padding tail beyond that.
-    T = -(-max(1, max(sum(r) for r in lengths)) // multiple) * multiple
+    T = _row_len([sum(r) for r in lengths], multiple)
     B = len(rows)
     ids = np.full((B, T), pad_id, dtype=np.int64)
     labels = np.full((B, T), IGNORE_INDEX, dtype=np.int64)

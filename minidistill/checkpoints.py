@@ -184,8 +184,21 @@ def read_loop_state(path: Path) -> LoopState:
 
 
 def check_same_data(saved: dict | None, now: dict, allowed: bool, log) -> None:
-    """--resume continues the same run: the same prepared samples, unless --allow-data-change."""
-    if saved is None or saved.get("fingerprint") == now["fingerprint"]:
+    """--resume continues the same run: the same prepared samples cut into the same batches,
+    unless --allow-data-change."""
+    if saved is None:
+        return
+    if saved.get("fingerprint") == now["fingerprint"]:
+        if saved.get("steps_per_epoch", now["steps_per_epoch"]) == now["steps_per_epoch"]:
+            return
+        # Same samples, other batches (--batch-size, --max-seq-len, --grad-accum, packing, or
+        # another version's packing): the saved position would not continue the epoch it was in.
+        what = f"the same samples make {now['steps_per_epoch']} steps per epoch, {saved['steps_per_epoch']} when saved"
+        if not allowed:
+            raise MinidistillError(f"--resume: the batches differ from the run's ({what}); resume with the same "
+                                   "batch flags, or pass --allow-data-change to go on from the saved position "
+                                   "in the new batches (some samples of this epoch then seen twice or not at all)")
+        log(f"note: --allow-data-change: training goes on with other batches ({what})")
         return
     what = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in ("records", "format", "steps_per_epoch")
             if saved.get(k) != now[k]] or ["the samples' tokens (same counts)"]

@@ -1,4 +1,4 @@
-"""Batches: best-fit packing, collation, positions, document ids, the attention layout (cu_seqlens,
+"""Batches: best-fit decreasing packing, collation, positions, document ids, the attention layout (cu_seqlens,
 lengths, padding), label indices, model inputs, and the split across ranks."""
 
 from types import SimpleNamespace
@@ -29,28 +29,51 @@ def data(lengths, seed=0, weighted=False):
 
 
 def test_packed_batch_values():
-    # Best fit in order: 5 then 3 fill row 0; 1 opens row 1 and 7 fills it; 2 opens row 2.
+    # Best fit, longest first: 7 opens row 0, 5 row 1; 3 fills row 1; 2 fits neither and opens
+    # row 2; 1 fills row 0.
     d = data([5, 3, 1, 7, 2])
     batches = make_batches(d, 2, 8, shuffle=False)
-    assert isinstance(batches, EpochBatches) and len(batches) == 2 and batches.plan == [[[0, 1], [2, 3]], [[4]]]
+    assert isinstance(batches, EpochBatches) and len(batches) == 2 and batches.plan == [[[3, 2], [0, 1]], [[4]]]
     b = batches[0]
     s = d.samples
-    assert b.input_ids.tolist() == [list(s[0].ids) + list(s[1].ids), list(s[2].ids) + list(s[3].ids)]
-    assert b.labels.tolist() == [list(s[0].labels) + list(s[1].labels), list(s[2].labels) + list(s[3].labels)]
-    assert b.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2], [0, 0, 1, 2, 3, 4, 5, 6]]
-    assert b.document_ids.tolist() == [[0] * 5 + [1] * 3, [0] + [1] * 7]
+    assert b.input_ids.tolist() == [list(s[3].ids) + list(s[2].ids), list(s[0].ids) + list(s[1].ids)]
+    assert b.labels.tolist() == [list(s[3].labels) + list(s[2].labels), list(s[0].labels) + list(s[1].labels)]
+    assert b.position_ids.tolist() == [[0, 1, 2, 3, 4, 5, 6, 0], [0, 1, 2, 3, 4, 0, 1, 2]]
+    assert b.document_ids.tolist() == [[0] * 7 + [1], [0] * 5 + [1] * 3]
     lay = b.layout
-    assert lay.shape == (2, 8) and lay.lengths == (5, 3, 1, 7) and lay.max_seqlen == 7 and lay.num_tokens == 16
-    assert lay.cu_seqlens.dtype == torch.int32 and lay.cu_seqlens.tolist() == [0, 5, 8, 9, 16]
+    assert lay.shape == (2, 8) and lay.lengths == (7, 1, 5, 3) and lay.max_seqlen == 7 and lay.num_tokens == 16
+    assert lay.cu_seqlens.dtype == torch.int32 and lay.cu_seqlens.tolist() == [0, 7, 8, 13, 16]
     assert lay.token_index is None and not lay.one_per_row  # rows full: nothing to drop
-    assert lay.doc_index.tolist() == [0] * 5 + [1] * 3 + [2] + [3] * 7
-    assert lay.doc_len.tolist() == [[5] * 5 + [3] * 3, [1] + [7] * 7]
-    assert b.rows == [[0, 1], [2, 3]] and b.num_input_tokens == 16
-    want = np.flatnonzero(np.concatenate([s[0].labels, s[1].labels, s[2].labels, s[3].labels]) != IGN)
+    assert lay.doc_index.tolist() == [0] * 7 + [1] + [2] * 5 + [3] * 3
+    assert lay.doc_len.tolist() == [[7] * 7 + [1], [5] * 5 + [3] * 3]
+    assert b.rows == [[3, 2], [0, 1]] and b.num_input_tokens == 16
+    want = np.flatnonzero(np.concatenate([s[3].labels, s[2].labels, s[0].labels, s[1].labels]) != IGN)
     assert b.label_index.dtype == torch.int64 and b.label_index.tolist() == want.tolist()
     assert b.num_tokens == len(want) == int((b.labels != IGN).sum())
     last = batches[1]
     assert last.input_ids.shape == (1, 2) and last.layout.one_per_row and last.layout.lengths == (2,)
+
+
+def test_packing_takes_the_longest_samples_first():
+    # In this order, best fit would put the three 2s in one row and give each 6 a row of its own
+    # (4 rows); longest first, every row is full.
+    plan = make_batches(data([2, 2, 2, 6, 6, 6]), 1, 8, shuffle=False).plan
+    rows = [r for (r,) in plan]
+    assert len(rows) == 3 and sorted(i for r in rows for i in r) == list(range(6))
+    assert all(sorted(r)[1] >= 3 and sorted(r)[0] < 3 for r in rows)  # a 6 and a 2 in each
+    # Within best-fit decreasing's bound (11/9 of the fewest rows, plus one), every sample once,
+    # no row over seq_len; the shuffle still decides which samples go together (seed, epoch).
+    lengths = list(np.random.default_rng(7).integers(60, 380, 500))
+    d = data(lengths)
+    plans = {}
+    for seed in (0, 1):
+        batches = make_batches(d, 2, 512, seed=seed)
+        rows = [r for step in batches.plan for r in step]
+        assert sorted(i for r in rows for i in r) == list(range(len(lengths)))
+        assert max(sum(lengths[i] for i in r) for r in rows) <= 512
+        assert len(rows) <= 11 / 9 * -(-sum(lengths) // 512) + 1
+        plans[seed] = batches.plan
+    assert plans[0] != plans[1]
 
 
 def test_padding_is_left_out_of_the_layout():
@@ -170,3 +193,15 @@ def test_pinned_batch_copies_to_cuda():
     torch.cuda.synchronize()
     assert got["input_ids"].is_cuda and torch.equal(got["input_ids"].cpu(), b.input_ids)
     assert got["layout"].cu_seqlens.is_cuda and got["layout"].lengths == b.layout.lengths
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_fill_is_the_share_of_row_tokens_that_samples_hold(packing):
+    assert make_batches(data([5, 3, 6]), 3, 8, packing=False, shuffle=False).fill() == 14 / 18
+    assert make_batches(data([5, 3, 1, 7, 2]), 2, 8, shuffle=False, pad_to_multiple=4).fill() == 18 / 20
+    d = data(list(np.random.default_rng(4).integers(2, 30, 41)))
+    batches = make_batches(d, 3, 32, packing=packing, seed=2, pad_to_multiple=8, rank=1, world_size=2)
+    collated = list(batches)
+    assert any(not b.rows for b in collated) == packing  # a filler batch: one padding row, counted
+    want = sum(b.num_input_tokens for b in collated) / sum(b.input_ids.numel() for b in collated)
+    assert batches.fill() == pytest.approx(want, rel=1e-12) and 0 < want < 1

@@ -126,3 +126,10 @@ def test_changed_data_is_refused_unless_allowed():
     notes = []
     check_same_data(saved, dict(saved, fingerprint="bb", format="alpaca"), True, notes.append)
     assert "format 'messages' -> 'alpaca'" in notes[0]
+    # The same samples cut into other batches (another --batch-size, or another packing): the
+    # saved position would not continue the same epoch.
+    with pytest.raises(MinidistillError, match=r"batches differ.*12 steps per epoch, 11 when saved.*--allow-data-change"):
+        check_same_data(dict(saved, steps_per_epoch=11), dict(saved), False, print)
+    check_same_data(dict(saved, steps_per_epoch=11), dict(saved), True, notes.append)
+    assert "other batches" in notes[1]
+    check_same_data({k: v for k, v in saved.items() if k != "steps_per_epoch"}, dict(saved), False, print)
