@@ -228,7 +228,7 @@ def test_embedding_on_host_gives_the_same_step_on_cuda_and_no_more_host_syncs(tm
     from minidistill.batches import make_batches
     from minidistill.samples import DataSummary, Sample, SFTData
     from minidistill.sampling import generate_ids
-    from test_trainer import CountSyncs
+    from sync_count import CountSyncs
 
     write_checkpoint(tmp_path, "llama3")
     rows = []
