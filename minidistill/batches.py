@@ -95,12 +95,12 @@ def make_batches(data: SFTData, batch_size: int, seq_len: int, *, packing: bool 
     """Batches of one epoch for one rank, deterministic for (seed, epoch).
 
     packing: samples best-fit, longest first, into rows of seq_len (each sample whole; the rows
-    then shuffled), with document_ids and positions restarting per sample. Otherwise: padded rows, length-grouped (sorted
-    within buckets of 64 batches, then the batches shuffled). All ranks cut the same global
-    order: rank r takes batches r, r+W, ...; the last round is filled with empty batches
-    (no labelled token) so every rank gets the same number. pad_to_multiple: row length rounded
-    up to a multiple of it (fewer distinct shapes: less allocator fragmentation, fewer
-    recompiles); the padding takes part in no attention and no loss."""
+    then shuffled), with document_ids and positions restarting per sample. Otherwise: padded
+    rows, length-grouped (sorted within buckets of 64 batches, then the batches shuffled). All
+    ranks cut the same global order: rank r takes batches r, r+W, ...; the last round is filled
+    with empty batches (no labelled token) so every rank gets the same number. pad_to_multiple:
+    row length rounded up to a multiple of it (fewer distinct shapes: less allocator
+    fragmentation, fewer recompiles); the padding takes part in no attention and no loss."""
     if pad_to_multiple < 1:
         raise ValueError(f"pad_to_multiple must be >= 1, got {pad_to_multiple}")
     if batch_size < 1 or seq_len < 2:
