@@ -12,10 +12,11 @@ under bf16 autocast).
 
 Input: `--samples` samples with lengths uniform in [seq/4, seq] (`--full-length`: all seq), batched
 by minidistill's own collator (`make_batches`, `--batch` rows per micro-batch), as padded rows (one
-sample per row, padding at the end) or packed rows (best-fit, positions restarting per sample). One step is all
-the micro-batches of those samples (gradients accumulated, loss normalised by the step's
-labelled tokens in both libraries), then AdamW. The learning rate is 0, so every step of every row
-sees the same weights and the losses stay comparable; AdamW still does all its arithmetic.
+sample per row, padding at the end) or packed rows (best-fit, longest first, positions restarting
+per sample). One step is all the micro-batches of those samples (gradients accumulated, loss
+normalised by the step's labelled tokens in both libraries), then AdamW. The learning rate is 0, so
+every step of every row sees the same weights and the losses stay comparable; AdamW still does all
+its arithmetic.
 
 Rows, for each shape and for gradient checkpointing off and on (`--ckpt`):
 - ours-lora / ours-qlora (NF4 base), padded and packed: `trainer.forward_loss`, the `train`

@@ -113,10 +113,13 @@ def setup(cfg: TrainConfig) -> Run:
         eval_data, cfg.batch_size, cfg.data_config.max_seq_len, packing=cfg.packing, shuffle=False, rank=rank,
         world_size=world, pad_id=pad_id, pad_to_multiple=cfg.pad_to_multiple)
     stream = BatchStream(data, cfg, rank, world, pad_id, ahead=device.type == "cuda")
-    n_micro = len(stream.epoch_batches(0)) if onp is None or onp.sft_needed else onp.micro_per_epoch
     if onp is None or onp.sft_needed:
-        log(f"batches: {n_micro} micro-batches an epoch, {stream.epoch_batches(0).fill():.1%} of their row tokens "
-            f"are samples' ({'packed' if cfg.packing else 'padded'}; the rest is padding)")
+        first = stream.epoch_batches(0)
+        n_micro = len(first)
+        log(f"batches: {n_micro} micro-batches an epoch, {first.fill():.1%} of their row tokens are samples' "
+            f"({'packed' if cfg.packing else 'padded'}; the rest is padding)")
+    else:
+        n_micro = onp.micro_per_epoch
     per_epoch = n_micro // cfg.grad_accum
     if per_epoch == 0 and not cfg.max_steps:
         raise ValueError(f"{n_micro} micro-batches per epoch is fewer than --grad-accum {cfg.grad_accum}: "
